@@ -1,0 +1,326 @@
+"""Typed run configurations, named presets and `key=value` overrides.
+
+A run is fully described by one `TrainConfig` (plus its seed): defaults are the paper's reference
+settings (METHOD.md); presets are named sets of overrides; the command line and notebooks add
+dotted overrides (`optim.lr=5e-4`). Unknown keys, wrong types and impossible values raise
+`ConfigError` before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration key, value or preset is invalid."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"            # cifar10 | mnist | fashion-mnist | folder | zip | shapes | disk
+    root: Optional[str] = None       # dataset directory / archive (default: ./data/<name>)
+    resolution: int = 32             # image resolution the run expects (checked against the data)
+    download: bool = False           # torchvision datasets: download when missing
+    conditional: bool = False        # use class labels (one-hot) when the dataset has them
+    num_images: int = 50000          # built-in datasets only: how many images to generate
+    seed: int = 0                    # built-in datasets only: generator seed
+
+
+@dataclass
+class NetworkConfig:
+    arch: str = "ddpmpp-cifar10"     # a name in ayt.networks.NETWORK_CONFIGS
+    dropout: Optional[float] = None  # overrides the architecture's dropout when set
+    init: Optional[str] = None       # consistency/diffusion init: run dir, ayt checkpoint, EDM .pkl or .pt
+
+
+@dataclass
+class ConsistencyConfig:
+    """ECT and the AYT update (METHOD.md sections 2 and 4)."""
+    mode: str = "mfd"                # ect | mfd | ect+mfd | lpips | ect+lpips  (AYT reference: mfd)
+    P_mean: float = -1.1
+    P_std: float = 2.0
+    q: float = 256.0
+    k: float = 8.0
+    b: float = 1.0
+    mapping: str = "sigmoid"         # sigmoid | const
+    stage: int = 0                   # fixed stage s (AYT reference); start stage when double_every is set
+    double_every: Optional[int] = None  # official ECT: increment s every N iterations (with q=2)
+    c_mult: float = 0.0              # pseudo-Huber c = c_mult * sqrt(C*H*W); 0 gives the L2 norm
+    weighting: str = "default"       # default = 1/(t-r) | sqrt | uniform | snr | karras
+    lam: float = 1.0                 # weight of the direction term in ect+mfd / ect+lpips
+    lam_ramp_iters: int = 5000       # linear ramp of lam over the first iterations
+    mfd_eps: float = 1e-5            # e in the per-channel pseudo-Huber of MFD
+    feature_net: Optional[str] = None   # trained feature net: feature run dir, ayt checkpoint or .pt state dict
+    feature_arch: str = "vgg16"      # architecture of that feature net (ayt.features registry)
+    feature_outputs: int = 15        # its regression-head width L
+
+
+@dataclass
+class DiffusionConfig:
+    """EDM denoising loss for diffusion pretraining (Karras et al. 2022)."""
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    sigma_data: float = 0.5
+
+
+@dataclass
+class FeatureConfig:
+    """Manifold feature-network training (METHOD.md section 3)."""
+    arch: str = "vgg16"              # ayt.features registry name
+    aug_set: str = "geo_clr_deg"     # deg | geo | geo_deg | geo_clr | geo_clr_deg
+    p: float = 0.15                  # per-transform probability after the ramp
+    p_ramp_iters: int = 50000        # linear ramp of p from 0
+    eval_images: int = 2048          # held-out images for the final per-label R^2
+
+
+@dataclass
+class OptimConfig:
+    name: str = "radam"              # radam | adam
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_iters: int = 0            # linear learning-rate warm-up
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "consistency"       # diffusion | consistency | feature
+    name: Optional[str] = None       # run name (default: the preset name)
+    run_root: str = "runs"           # run directories live in <run_root>/<name>
+    seed: int = 0
+    iters: int = 400000
+    batch: int = 128                 # global batch size
+    batch_per_device: Optional[int] = None  # micro-batch per device (gradient accumulation); None = batch / world
+    ema_decay: float = 0.9999        # EMA decay per step; 0 disables averaging (EMA == model)
+    precision: str = "fp32"          # fp32 | bf16 (autocast, GPU)
+    device: Optional[str] = None     # default: cuda when available, else cpu
+    log_every: int = 100
+    ckpt_every: int = 5000
+    sample_every: int = 10000        # sample grid every N iterations (0: never)
+    eval_every: int = 0              # in-training evaluation hook every N iterations (0: never)
+    eval_samples: int = 5000         # samples per in-training evaluation
+    keep_checkpoints: bool = True    # keep every periodic checkpoint (not only the latest)
+    data: DataConfig = field(default_factory=DataConfig)
+    net: NetworkConfig = field(default_factory=NetworkConfig)
+    ct: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    feature: FeatureConfig = field(default_factory=FeatureConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+STAGES = ("diffusion", "consistency", "feature")
+CT_MODES = ("ect", "mfd", "ect+mfd", "lpips", "ect+lpips")
+
+# ----------------------------------------------------------------------------------------------
+# Presets: named override sets. Paper scale from METHOD.md; mini-* sized from MINI-STUDY.md.
+
+_CIFAR = {"data.name": "cifar10", "data.resolution": 32, "net.arch": "ddpmpp-cifar10"}
+_IMNET = {"data.name": "zip", "data.root": "data/imagenet-64x64.zip", "data.resolution": 64,
+          "data.conditional": True, "net.arch": "adm-imagenet64"}
+_SHAPES = {"data.name": "shapes", "data.resolution": 16, "data.num_images": 50000, "net.arch": "mini-shapes16",
+           "device": None}
+_MINI_CT = {**_SHAPES, "stage": "consistency", "net.init": "runs/mini-diffusion", "batch": 16, "iters": 2000,
+            "optim.lr": 5e-4, "ema_decay": 0.999, "log_every": 25, "ckpt_every": 250, "sample_every": 500,
+            "ct.feature_net": "runs/mini-feature-net", "ct.feature_arch": "mini-vgg"}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Paper scale: CIFAR-10 32x32 unconditional.
+    # EDM's CIFAR-10 DDPM++ training: 200 Mimg at batch 512, lr ramp-up over 10 Mimg, EMA half-life 0.5 Mimg.
+    "cifar10-edm": {**_CIFAR, "stage": "diffusion", "net.dropout": 0.13, "optim.name": "adam", "optim.lr": 1e-3,
+                    "optim.warmup_iters": 19531, "batch": 512, "iters": 390625, "ema_decay": 0.999291},
+    "cifar10-ect": {**_CIFAR, "stage": "consistency", "ct.mode": "ect",
+                    "net.init": "edm-cifar10-32x32-uncond-vp.pkl", "batch": 128, "iters": 400000},
+    "cifar10-ayt": {**_CIFAR, "stage": "consistency", "ct.mode": "mfd",
+                    "net.init": "edm-cifar10-32x32-uncond-vp.pkl", "ct.feature_net": "runs/cifar10-feature-net",
+                    "batch": 128, "iters": 400000},
+    "cifar10-feature-net": {"stage": "feature", "data.name": "cifar10", "data.resolution": 32,
+                            "feature.arch": "vgg16", "batch": 512, "iters": 400000, "ema_decay": 0.0},
+    # Paper-scale counterparts on ImageNet 64x64 (class-conditional, ADM network from EDM's checkpoint).
+    # EDM's ImageNet-64 ADM training: 2500 Mimg at batch 4096, lr ramp-up 10 Mimg, EMA half-life 50 Mimg.
+    "imagenet64-edm": {**_IMNET, "stage": "diffusion", "net.dropout": 0.1, "optim.name": "adam", "optim.lr": 2e-4,
+                       "optim.warmup_iters": 2441, "batch": 4096, "iters": 610352, "ema_decay": 0.999943},
+    "imagenet64-ect": {**_IMNET, "stage": "consistency", "ct.mode": "ect",
+                       "net.init": "edm-imagenet-64x64-cond-adm.pkl", "batch": 128, "iters": 400000},
+    "imagenet64-ayt": {**_IMNET, "stage": "consistency", "ct.mode": "mfd",
+                       "net.init": "edm-imagenet-64x64-cond-adm.pkl", "ct.feature_net": "runs/imagenet64-feature-net",
+                       "batch": 128, "iters": 400000},
+    "imagenet64-feature-net": {"stage": "feature", "data.name": "zip", "data.root": "data/imagenet-64x64.zip",
+                               "data.resolution": 64, "feature.arch": "vgg16", "batch": 512, "iters": 400000,
+                               "ema_decay": 0.0},
+    # CPU scale on the built-in shapes data (MINI-STUDY.md calibration facts).
+    "mini-diffusion": {**_SHAPES, "stage": "diffusion", "optim.name": "adam", "optim.lr": 1e-3,
+                       "optim.warmup_iters": 200, "batch": 32, "iters": 3000, "ema_decay": 0.999,
+                       "log_every": 50, "ckpt_every": 500, "sample_every": 1000},
+    "mini-feature-net": {**_SHAPES, "stage": "feature", "feature.arch": "mini-vgg", "optim.lr": 1e-3,
+                         "feature.p_ramp_iters": 500, "batch": 128, "iters": 3200, "ema_decay": 0.0,
+                         "log_every": 50, "ckpt_every": 500, "sample_every": 0},
+    "mini-ect": {**_MINI_CT, "ct.mode": "ect"},
+    "mini-ayt": {**_MINI_CT, "ct.mode": "mfd"},
+    # The whole pipeline in minutes on 2 CPU cores (see README "demo"); `ayt demo` runs all three.
+    "demo-feature-net": {**_SHAPES, "stage": "feature", "data.num_images": 4096, "feature.arch": "mini-vgg",
+                         "optim.lr": 1e-3, "feature.p_ramp_iters": 50, "feature.eval_images": 512, "batch": 64,
+                         "iters": 300, "ema_decay": 0.0, "log_every": 25, "ckpt_every": 100, "sample_every": 0},
+    "demo-diffusion": {**_SHAPES, "stage": "diffusion", "data.num_images": 4096, "optim.name": "adam",
+                       "optim.lr": 1e-3, "optim.warmup_iters": 50, "batch": 32, "iters": 400, "ema_decay": 0.99,
+                       "log_every": 25, "ckpt_every": 100, "sample_every": 0},
+    "demo-ayt": {**_SHAPES, "stage": "consistency", "data.num_images": 4096, "ct.mode": "mfd",
+                 "net.init": "runs/demo-diffusion", "ct.feature_net": "runs/demo-feature-net",
+                 "ct.feature_arch": "mini-vgg", "batch": 16, "iters": 200, "optim.lr": 5e-4, "ema_decay": 0.99,
+                 "log_every": 25, "ckpt_every": 100, "sample_every": 200},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse_value(key: str, raw: Any, tp: Any) -> Any:
+    """Convert `raw` (a string from the command line, or a Python value) to type `tp`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        inner = [a for a in args if a is not type(None)][0]
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null")):
+            return None
+        return _parse_value(key, raw, inner)
+    if isinstance(raw, str):
+        try:
+            if tp is bool:
+                if raw.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if raw.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if tp is int:
+                return int(float(raw)) if "e" in raw.lower() and float(raw).is_integer() else int(raw)
+            if tp is float:
+                return float(raw)
+            if tp is str:
+                return raw
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r}: expected {getattr(tp, '__name__', tp)}") from None
+    if tp is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if tp in (int, float, str, bool) and not (type(raw) is tp):
+        raise ConfigError(f"{key}={raw!r}: expected {tp.__name__}, got {type(raw).__name__}")
+    return raw
+
+
+def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
+    """Set a dotted key (`optim.lr`) on cfg, with type conversion; unknown keys raise ConfigError."""
+    obj, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj):
+            raise ConfigError(f"unknown setting {key!r}")
+        names = {f.name for f in dataclasses.fields(obj)}
+        if part not in names:
+            prefix = ".".join(parts[:i])
+            known = ", ".join(sorted((f"{prefix}." if prefix else "") + n for n in names))
+            raise ConfigError(f"unknown setting {key!r}; known settings here: {known}")
+        if i == len(parts) - 1:
+            tp = _field_types(type(obj))[part]
+            if dataclasses.is_dataclass(getattr(obj, part)):
+                raise ConfigError(f"{key!r} is a group of settings; set one of its keys, e.g. {key}.<name>=...")
+            setattr(obj, part, _parse_value(key, value, tp))
+        else:
+            obj = getattr(obj, part)
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def make_config(preset: Optional[str] = None, overrides: Optional[dict[str, Any] | list[str]] = None) -> TrainConfig:
+    """Defaults (paper reference) <- preset <- overrides; validated."""
+    cfg = TrainConfig()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+        for k, v in PRESETS[preset].items():
+            set_key(cfg, k, v)
+        cfg.name = preset
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for k, v in (overrides or {}).items():
+        set_key(cfg, k, v)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Impossible values raise ConfigError."""
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise ConfigError(msg)
+    need(cfg.stage in STAGES, f"stage={cfg.stage!r}; expected one of {STAGES}")
+    need(cfg.ct.mode in CT_MODES, f"ct.mode={cfg.ct.mode!r}; expected one of {CT_MODES}")
+    need(cfg.ct.mapping in ("sigmoid", "const"), f"ct.mapping={cfg.ct.mapping!r}; expected sigmoid or const")
+    need(cfg.optim.name in ("radam", "adam"), f"optim.name={cfg.optim.name!r}; expected radam or adam")
+    need(cfg.precision in ("fp32", "bf16"), f"precision={cfg.precision!r}; expected fp32 or bf16")
+    need(cfg.iters >= 0, "iters must be >= 0")
+    need(cfg.batch >= 1, "batch must be >= 1")
+    need(cfg.batch_per_device is None or cfg.batch_per_device >= 1, "batch_per_device must be >= 1")
+    need(cfg.optim.lr > 0, "optim.lr must be > 0")
+    need(0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)")
+    need(cfg.ct.q > 1, "ct.q must be > 1")
+    need(cfg.ct.P_std > 0 and cfg.diffusion.P_std > 0, "P_std must be > 0")
+    need(cfg.ct.c_mult >= 0, "ct.c_mult must be >= 0")
+    need(cfg.ct.double_every is None or cfg.ct.double_every > 0, "ct.double_every must be > 0 or None")
+    need(0 <= cfg.feature.p <= 1, "feature.p must be in [0, 1]")
+    need(cfg.data.resolution >= 4 and cfg.data.resolution & (cfg.data.resolution - 1) == 0,
+         f"data.resolution={cfg.data.resolution} must be a power of two >= 4")
+    for k in ("log_every", "ckpt_every", "sample_every", "eval_every"):
+        need(getattr(cfg, k) >= 0, f"{k} must be >= 0")
+    need(cfg.log_every > 0 and cfg.ckpt_every > 0, "log_every and ckpt_every must be > 0")
+    if cfg.stage == "consistency" and cfg.ct.mode in ("mfd", "ect+mfd"):
+        need(cfg.ct.feature_net is not None,
+             f"ct.mode={cfg.ct.mode} needs a trained feature network: set ct.feature_net=<run dir or checkpoint>")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> TrainConfig:
+    """Rebuild a TrainConfig from `to_dict` output (e.g. a checkpoint or config.json); unknown keys raise."""
+    cfg = TrainConfig()
+
+    def walk(prefix: str, sub: dict):
+        for k, v in sub.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(key + ".", v)
+            else:
+                set_key(cfg, key, v)
+    walk("", d)
+    validate(cfg)
+    return cfg
+
+
+def describe_settings() -> str:
+    """All settings with their defaults, for --help."""
+    lines = []
+
+    def walk(prefix: str, obj):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(f"{prefix}{f.name}.", v)
+            else:
+                lines.append(f"  {prefix}{f.name}={json.dumps(v)}")
+    walk("", TrainConfig())
+    return "\n".join(lines)
