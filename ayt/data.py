@@ -1,0 +1,1000 @@
+"""Datasets: CIFAR-10, (Fashion-)MNIST, image folders / EDM zip archives, and two built-in
+synthetic sets (antialiased shapes; a flat 2-D disk in R^D).
+
+Item convention shared by every dataset in this module::
+
+    ds[i] -> (image: Tensor[C, H, W] float32 in [-1, 1],
+              label: Tensor[label_dim] float32 (one-hot class, or EDM float label);
+                     Tensor[0] when the dataset is unconditional)
+
+and every dataset exposes ``.resolution``, ``.num_channels``, ``.label_dim`` and ``len()``.
+Pixels are mapped as in EDM: ``x = uint8 / 127.5 - 1``.
+
+* CIFAR-10 is the paper's benchmark (METHOD.md section 6): 32x32x3, train split, unconditional.
+  Files are the official python-pickle layout ``<root>/cifar-10-batches-py/``; they are read by our
+  own small reader (no md5 checks, so tiny test files work) and downloaded with torchvision's
+  download code when ``download=True``.
+* The shapes data (one antialiased disk/square/triangle per image) is an explicit, differentiable
+  function of a small parameter vector (``render_shapes``): the data manifold is known, which the
+  small-scale metrics use (best-fit parameters, tangent spaces by autograd / finite differences).
+* The disk data is the paper's synthetic tangent study (METHOD.md section 6, last paragraph): a flat
+  2-D disk embedded in R^D by a random orthonormal 2-frame, with exact tangent/normal projections
+  and distance to the manifold.
+
+All random generation uses a local ``torch.Generator`` seeded from the ``seed`` argument (the same
+seed gives bitwise identical data); no global RNG state is read or modified.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "DatasetNotFoundError", "ImageDataset", "InMemoryImageDataset", "CIFAR10Dataset", "MNISTDataset",
+    "ImageFolderDataset", "ImageZipDataset", "ShapesDataset", "DiskDataset", "DiskData",
+    "SHAPE_KINDS", "SHAPE_SYMMETRY_ORDERS", "SHAPE_PARAM_NAMES", "CIFAR10_CLASSES",
+    "load_cifar10_arrays", "load_mnist_arrays", "read_idx", "make_shapes", "render_shapes",
+    "sample_shape_params", "pad_or_resize_28", "sdf_disk", "sdf_square", "sdf_triangle", "make_disk", "as_tensors",
+    "get_dataset", "DATASET_NAMES", "default_data_root",
+]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """Raised when a dataset's files are missing (and were not, or could not be, downloaded).
+
+    The message names the exact path that was expected and how to obtain the data.
+    """
+
+
+def default_data_root() -> str:
+    """Root for downloadable datasets when none is given: ``$AYT_DATA_ROOT`` or ``./data``."""
+    return os.environ.get("AYT_DATA_ROOT", "data")
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers.
+
+def _uint8_to_float(x: Tensor) -> Tensor:
+    """uint8 [..., C, H, W] in [0, 255] -> float32 in [-1, 1] (EDM: x / 127.5 - 1)."""
+    return x.to(torch.float32) / 127.5 - 1.0
+
+
+def _one_hot(index: Tensor, num_classes: int) -> Tensor:
+    """int64 [N] -> float32 [N, num_classes]."""
+    return F.one_hot(index.to(torch.int64), num_classes).to(torch.float32)
+
+
+def _resize_uint8(images: Tensor, resolution: int, chunk: int = 1024) -> Tensor:
+    """Resize uint8 [N, C, H, W] to [N, C, R, R] (bilinear with antialiasing), rounded to uint8."""
+    out = []
+    for start in range(0, images.shape[0], chunk):
+        x = images[start:start + chunk].to(torch.float32)
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False,
+                          antialias=True)
+        out.append(x.round().clamp(0, 255).to(torch.uint8))
+    if not out:
+        return images.new_zeros((0, images.shape[1], resolution, resolution))
+    return torch.cat(out)
+
+
+def _check_resolution(name: str, native: int, requested: int | None, resize: bool) -> int:
+    """Resolve the output resolution; a mismatch without ``resize=True`` is an error (no silent resize)."""
+    if requested is None or requested == native:
+        return native
+    if not resize:
+        raise ValueError(
+            f"{name}: images are {native}x{native} but resolution={requested} was requested; "
+            f"pass resize=True to resize them, or resolution=None/{native}.")
+    if requested < 1:
+        raise ValueError(f"{name}: resolution must be positive, got {requested}")
+    return int(requested)
+
+
+def _labels_from_raw(raw: Tensor | None, conditional: bool, name: str,
+                     num_classes: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Build the per-item label matrix.
+
+    Args:
+        raw: int64 [N] class indices, float32 [N, L] label vectors, or None (no labels).
+        conditional: when False the labels are empty ([N, 0]) whatever ``raw`` holds.
+        num_classes: one-hot width for class indices (default max index + 1).
+    Returns:
+        (labels float32 [N, label_dim], class_index int64 [N] or None)
+    """
+    class_index = raw if (raw is not None and raw.dtype == torch.int64) else None
+    if not conditional:
+        n = 0 if raw is None else raw.shape[0]
+        return torch.zeros(n, 0), class_index
+    if raw is None:
+        raise ValueError(f"{name}: conditional=True but the dataset has no labels")
+    if raw.dtype == torch.int64:
+        if raw.numel() and raw.min() < 0:
+            raise ValueError(f"{name}: class labels must be non-negative")
+        k = num_classes if num_classes is not None else (int(raw.max()) + 1 if raw.numel() else 0)
+        return _one_hot(raw, k), class_index
+    return raw.to(torch.float32), None
+
+
+# ----------------------------------------------------------------------------------------------
+# Base classes.
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Base class: ``ds[i] -> (image float32 [C, H, W] in [-1, 1], label float32 [label_dim])``.
+
+    Subclasses set ``self.labels`` (float32 [N, label_dim]), ``self.class_index`` (int64 [N] or
+    None), ``self._resolution``, ``self._num_channels`` and implement ``_image(i)``.
+    """
+
+    name: str = "dataset"
+    labels: Tensor
+    class_index: Tensor | None = None
+    _resolution: int
+    _num_channels: int
+
+    @property
+    def resolution(self) -> int:
+        """Image height = width in pixels."""
+        return self._resolution
+
+    @property
+    def num_channels(self) -> int:
+        return self._num_channels
+
+    @property
+    def label_dim(self) -> int:
+        """Width of the label vector; 0 for unconditional datasets."""
+        return int(self.labels.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def _image(self, i: int) -> Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        i = int(i)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for {self.name} of length {n}")
+        return self._image(i), self.labels[i].clone()
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """All items at once: (images float32 [N, C, H, W], labels float32 [N, label_dim])."""
+        if len(self) == 0:
+            r = self.resolution
+            return torch.zeros(0, self.num_channels, r, r), self.labels.clone()
+        return torch.stack([self._image(i) for i in range(len(self))]), self.labels.clone()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, n={len(self)}, resolution={self.resolution}, "
+                f"num_channels={self.num_channels}, label_dim={self.label_dim})")
+
+
+class InMemoryImageDataset(ImageDataset):
+    """Images held as one uint8 tensor [N, C, R, R]; converted to [-1, 1] per item (fast).
+
+    Args:
+        images: uint8 [N, C, R, R].
+        raw_labels: int64 [N] class indices, float32 [N, L] label vectors, or None.
+        conditional: return labels (one-hot for class indices) instead of empty Tensor[0].
+        num_classes: one-hot width (default: max class index + 1).
+    """
+
+    def __init__(self, images: Tensor, raw_labels: Tensor | None = None, conditional: bool = False,
+                 num_classes: int | None = None, name: str = "in-memory"):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[2] != images.shape[3]:
+            raise ValueError(f"{name}: images must be uint8 [N, C, R, R], got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        if raw_labels is not None and raw_labels.shape[0] != images.shape[0]:
+            raise ValueError(f"{name}: {images.shape[0]} images but {raw_labels.shape[0]} labels")
+        self.name = name
+        self.images = images.contiguous()
+        self.labels, self.class_index = _labels_from_raw(raw_labels, conditional, name, num_classes)
+        if not conditional:
+            self.labels = torch.zeros(images.shape[0], 0)
+        self._resolution = int(images.shape[-1])
+        self._num_channels = int(images.shape[1])
+
+    def _image(self, i: int) -> Tensor:
+        return _uint8_to_float(self.images[i])
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        return _uint8_to_float(self.images), self.labels.clone()
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10 (official python-pickle layout).
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_CIFAR10_DIR = "cifar-10-batches-py"
+_CIFAR10_FILES = {"train": [f"data_batch_{k}" for k in range(1, 6)], "test": ["test_batch"]}
+
+
+def _cifar10_source() -> tuple[str, str, str]:
+    """(url, archive filename, archive md5) from torchvision's CIFAR10 class."""
+    from torchvision.datasets import CIFAR10
+    return CIFAR10.url, CIFAR10.filename, CIFAR10.tgz_md5
+
+
+def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 pickle batch -> (uint8 [n, 3, 32, 32], int64 [n])."""
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="bytes")
+    entry = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in entry.items()}
+    if "data" not in entry or "labels" not in entry:
+        raise ValueError(f"{path}: not a CIFAR-10 batch (keys {sorted(entry)}; expected 'data', 'labels')")
+    data = np.asarray(entry["data"], dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: 'data' must be uint8 [n, 3072], got {data.shape}")
+    labels = np.asarray(entry["labels"], dtype=np.int64)
+    if labels.shape != (data.shape[0],):
+        raise ValueError(f"{path}: {data.shape[0]} images but labels of shape {labels.shape}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10_arrays(root: str, split: str = "train", download: bool = False) -> tuple[Tensor, Tensor]:
+    """Read CIFAR-10 from ``<root>/cifar-10-batches-py`` -> (uint8 [N, 3, 32, 32], int64 [N]).
+
+    The train split concatenates ``data_batch_1..5`` (50k images), the test split is ``test_batch``
+    (10k). With ``download=True`` missing files are fetched with torchvision's download code
+    (``download_and_extract_archive``, md5-checked archive). No md5 check is applied to the
+    extracted batch files, so small hand-made files in the same layout load too.
+    """
+    if split not in _CIFAR10_FILES:
+        raise ValueError(f"CIFAR-10 split must be one of {sorted(_CIFAR10_FILES)}, got {split!r}")
+    folder = os.path.join(root, _CIFAR10_DIR)
+    paths = [os.path.join(folder, name) for name in _CIFAR10_FILES[split]]
+    url, filename, md5 = _cifar10_source()
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing and download:
+        from torchvision.datasets.utils import download_and_extract_archive
+        try:
+            download_and_extract_archive(url, root, filename=filename, md5=md5)
+        except Exception as exc:  # network errors (URLError, OSError, RuntimeError) when offline
+            raise DatasetNotFoundError(
+                f"CIFAR-10: download of {url} into {os.path.abspath(root)!r} failed ({exc!r}). Download "
+                f"and extract the archive by hand so that {os.path.abspath(folder)!r} holds "
+                f"{', '.join(_CIFAR10_FILES['train'] + _CIFAR10_FILES['test'])}.") from exc
+        missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DatasetNotFoundError(
+            f"CIFAR-10 ({split}) not found: expected {os.path.abspath(folder)!r} to contain "
+            f"{', '.join(_CIFAR10_FILES[split])} (missing: {', '.join(os.path.basename(p) for p in missing)}). "
+            f"Pass download=True, or download {url} and extract it into {os.path.abspath(root)!r}.")
+    batches = [_read_cifar_batch(p) for p in paths]
+    images = torch.from_numpy(np.concatenate([b[0] for b in batches]))
+    labels = torch.from_numpy(np.concatenate([b[1] for b in batches]))
+    return images, labels
+
+
+class CIFAR10Dataset(InMemoryImageDataset):
+    """CIFAR-10 (Krizhevsky 2009), 32x32x3, 10 classes; the paper's benchmark (METHOD.md section 6).
+
+    Args:
+        root: directory that holds (or will hold) ``cifar-10-batches-py``; default ``default_data_root()``.
+        split: 'train' (50k, the paper's FID reference and training set) or 'test' (10k).
+        resolution: None or 32; another value requires ``resize=True`` (bilinear, antialiased).
+        download: fetch the archive with torchvision when missing.
+        conditional: labels one-hot [10] instead of Tensor[0].
+    """
+
+    def __init__(self, root: str | None = None, split: str = "train", resolution: int | None = None,
+                 download: bool = False, conditional: bool = False, resize: bool = False):
+        root = default_data_root() if root is None else str(root)
+        res = _check_resolution("CIFAR-10", 32, resolution, resize)
+        images, labels = load_cifar10_arrays(root, split, download)
+        if res != 32:
+            images = _resize_uint8(images, res)
+        super().__init__(images, labels, conditional=conditional, num_classes=10, name=f"cifar10-{split}")
+        self.root, self.split = root, split
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST / Fashion-MNIST (raw idx layout, as torchvision stores it).
+
+_MNIST_VARIANTS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def read_idx(path: str) -> Tensor:
+    """Read an IDX file (LeCun's MNIST format; gzip-compressed if the name ends in .gz) of uint8 data.
+
+    Layout: 2 zero bytes, type code 0x08 (uint8), number of dims d, then d big-endian uint32
+    sizes, then the data in C order.
+    """
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+    if raw[2] != 0x08:
+        raise ValueError(f"{path}: only uint8 IDX data (type 0x08) is supported, got type 0x{raw[2]:02x}")
+    ndim = raw[3]
+    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    offset = 4 + 4 * ndim
+    count = int(np.prod(shape)) if shape else 1
+    if len(raw) - offset != count:
+        raise ValueError(f"{path}: header says shape {shape} ({count} bytes) but {len(raw) - offset} data bytes")
+    data = np.frombuffer(raw, dtype=np.uint8, count=count, offset=offset).reshape(shape)
+    return torch.from_numpy(data.copy())
+
+
+def _find_idx(raw_folder: str, name: str) -> str | None:
+    for candidate in (name, name + ".gz"):
+        path = os.path.join(raw_folder, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load_mnist_arrays(root: str, split: str = "train", variant: str = "mnist",
+                      download: bool = False) -> tuple[Tensor, Tensor]:
+    """Read MNIST / Fashion-MNIST from torchvision's raw layout -> (uint8 [N, 28, 28], int64 [N]).
+
+    Files: ``<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (or ``FashionMNIST``;
+    the ``.gz`` files are read too). ``download=True`` fetches them with torchvision's download
+    code, mirror list and md5 sums.
+    """
+    if variant not in _MNIST_VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(_MNIST_VARIANTS)}, got {variant!r}")
+    if split not in _MNIST_FILES:
+        raise ValueError(f"{variant} split must be one of {sorted(_MNIST_FILES)}, got {split!r}")
+    import torchvision.datasets as tvd
+    tv_cls = getattr(tvd, _MNIST_VARIANTS[variant])
+    raw_folder = os.path.join(root, _MNIST_VARIANTS[variant], "raw")
+    names = _MNIST_FILES[split]
+    paths = [_find_idx(raw_folder, n) for n in names]
+    if None in paths and download:
+        from torchvision.datasets.utils import download_and_extract_archive
+        os.makedirs(raw_folder, exist_ok=True)
+        for filename, md5 in tv_cls.resources:
+            if _find_idx(raw_folder, os.path.splitext(filename)[0]) is not None:
+                continue
+            errors = []
+            for mirror in tv_cls.mirrors:
+                try:
+                    download_and_extract_archive(mirror + filename, raw_folder, filename=filename, md5=md5)
+                    break
+                except Exception as exc:  # offline / mirror down: try the next mirror
+                    errors.append(f"{mirror + filename}: {exc!r}")
+            else:
+                raise DatasetNotFoundError(
+                    f"{variant}: download failed ({'; '.join(errors)}). Place the files "
+                    f"{', '.join(n for pair in _MNIST_FILES.values() for n in pair)} (optionally .gz) "
+                    f"in {os.path.abspath(raw_folder)!r}.")
+        paths = [_find_idx(raw_folder, n) for n in names]
+    if None in paths:
+        missing = [n for n, p in zip(names, paths) if p is None]
+        raise DatasetNotFoundError(
+            f"{variant} ({split}) not found: expected {', '.join(names)} (or .gz) in "
+            f"{os.path.abspath(raw_folder)!r} (missing: {', '.join(missing)}). Pass download=True, or "
+            f"download them from {tv_cls.mirrors[0]} into that directory.")
+    images, labels = read_idx(paths[0]), read_idx(paths[1]).to(torch.int64)
+    if images.ndim != 3 or labels.shape != (images.shape[0],):
+        raise ValueError(f"{variant}: bad shapes images {tuple(images.shape)}, labels {tuple(labels.shape)}")
+    return images, labels
+
+
+def pad_or_resize_28(images: Tensor, resolution: int, mode: str) -> Tensor:
+    """uint8 [N, 1, 28, 28] -> uint8 [N, 1, R, R].
+
+    ``mode='pad'``: zero (= black = -1 after scaling) padding, centred; (R - 28) must be even and >= 0.
+    ``mode='resize'``: bilinear, antialiased.
+    """
+    h = images.shape[-1]
+    if mode == "pad":
+        extra = resolution - h
+        if extra < 0 or extra % 2:
+            raise ValueError(f"mnist_mode='pad' needs resolution >= {h} with an even difference, "
+                             f"got resolution={resolution}; use mnist_mode='resize'")
+        p = extra // 2
+        return F.pad(images, (p, p, p, p), value=0)
+    if mode == "resize":
+        return images if resolution == h else _resize_uint8(images, resolution)
+    raise ValueError(f"mnist_mode must be 'pad' or 'resize', got {mode!r}")
+
+
+class MNISTDataset(InMemoryImageDataset):
+    """MNIST or Fashion-MNIST, 28x28 grey images padded (default) or resized to ``resolution``.
+
+    Args:
+        root: directory that holds ``MNIST/raw`` / ``FashionMNIST/raw``; default ``default_data_root()``.
+        variant: 'mnist' or 'fashion-mnist'.
+        split: 'train' (60k) or 'test' (10k).
+        resolution: output size, default 32.
+        mnist_mode: 'pad' (zero-pad 28 -> 32, i.e. 2 px of -1 each side) or 'resize'.
+        rgb: repeat the grey channel to 3 channels.
+        download, conditional: as for CIFAR10Dataset.
+    """
+
+    def __init__(self, root: str | None = None, variant: str = "mnist", split: str = "train",
+                 resolution: int | None = None, download: bool = False, conditional: bool = False,
+                 mnist_mode: str = "pad", rgb: bool = False):
+        root = default_data_root() if root is None else str(root)
+        resolution = 32 if resolution is None else int(resolution)
+        if mnist_mode not in ("pad", "resize"):
+            raise ValueError(f"mnist_mode must be 'pad' or 'resize', got {mnist_mode!r}")
+        images, labels = load_mnist_arrays(root, split, variant, download)
+        images = pad_or_resize_28(images[:, None], resolution, mnist_mode)
+        if rgb:
+            images = images.expand(-1, 3, -1, -1)
+        super().__init__(images, labels, conditional=conditional, num_classes=10, name=f"{variant}-{split}")
+        self.root, self.split, self.variant = root, split, variant
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders and EDM-style zip archives.
+
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# PIL mode -> (mode to convert to, channels)
+_MODE_CHANNELS = {"1": ("L", 1), "L": ("L", 1), "P": ("RGB", 3), "RGB": ("RGB", 3), "RGBA": ("RGBA", 4)}
+
+
+class _FileImageDataset(ImageDataset):
+    """Shared logic of ImageFolderDataset / ImageZipDataset: listing, checks, labels, decoding."""
+
+    def __init__(self, path: str, resolution: int | None, conditional: bool, labels: str,
+                 resize: bool, verify: bool):
+        if labels not in ("auto", "json", "folders", "none"):
+            raise ValueError(f"labels must be 'auto', 'json', 'folders' or 'none', got {labels!r}")
+        self.path = str(path)
+        self.name = os.path.splitext(os.path.basename(os.path.normpath(self.path)))[0]
+        all_names = self._list_files()
+        self.image_names = sorted(n for n in all_names if n.lower().endswith(_IMAGE_EXTENSIONS))
+        if not self.image_names:
+            raise ValueError(f"{self.path}: no image files ({', '.join(_IMAGE_EXTENSIONS)}) found")
+
+        # Image format checks: same channels everywhere; square; same size unless resize=True.
+        to_check = self.image_names if verify else self.image_names[:1]
+        sizes, modes = {}, {}
+        for n in to_check:
+            with self._open(n) as f, PIL.Image.open(f) as img:
+                sizes.setdefault(img.size, n)
+                if img.mode not in _MODE_CHANNELS:
+                    raise ValueError(f"{self.path}: {n} has unsupported PIL mode {img.mode!r} "
+                                     f"(supported: {sorted(_MODE_CHANNELS)})")
+                modes.setdefault(_MODE_CHANNELS[img.mode][1], n)
+        if len(modes) > 1:
+            raise ValueError(f"{self.path}: images have different channel counts: "
+                             + ", ".join(f"{c} channels ({n})" for c, n in modes.items()))
+        self._num_channels = next(iter(modes))
+        self._mode = {1: "L", 3: "RGB", 4: "RGBA"}[self._num_channels]
+        for (w, h), n in sizes.items():
+            if w != h:
+                raise ValueError(f"{self.path}: image {n} is {w}x{h}; only square images are supported")
+        if len(sizes) > 1 and not (resize and resolution is not None):
+            raise ValueError(f"{self.path}: images have different resolutions: "
+                             + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.items())
+                             + "; pass resolution=R and resize=True to resize them all")
+        native = next(iter(sizes))[0]
+        self._native = native if len(sizes) == 1 else None
+        self._resolution = _check_resolution(self.path, native, resolution, resize) \
+            if len(sizes) == 1 else int(resolution)
+
+        raw = self._read_labels(labels, all_names)
+        self.labels, self.class_index = _labels_from_raw(raw, conditional, self.path)
+        if not conditional:
+            self.labels = torch.zeros(len(self.image_names), 0)
+
+    # -- labels --------------------------------------------------------------------------------
+    def _read_labels(self, source: str, all_names: set[str]) -> Tensor | None:
+        if source == "none":
+            return None
+        if source == "folders":
+            tops = [n.split("/")[0] if "/" in n else None for n in self.image_names]
+            if None in tops:
+                bad = self.image_names[tops.index(None)]
+                raise ValueError(f"{self.path}: labels='folders' but {bad} is not inside a class subfolder")
+            self.class_names = sorted(set(tops))
+            lookup = {c: k for k, c in enumerate(self.class_names)}
+            return torch.tensor([lookup[t] for t in tops], dtype=torch.int64)
+        if "dataset.json" not in all_names:
+            if source == "json":
+                raise ValueError(f"{self.path}: labels='json' but there is no dataset.json")
+            return None
+        with self._open("dataset.json") as f:
+            meta = json.load(f)
+        entries = meta.get("labels") if isinstance(meta, dict) else None
+        if entries is None:
+            if source == "json":
+                raise ValueError(f"{self.path}: dataset.json has no 'labels' entry")
+            return None
+        table = {str(k).replace("\\", "/"): v for k, v in entries}
+        missing = [n for n in self.image_names if n not in table]
+        if missing:
+            raise ValueError(f"{self.path}: dataset.json has no label for {len(missing)} images, "
+                             f"e.g. {missing[0]}")
+        values = np.array([table[n] for n in self.image_names])
+        if values.ndim == 1:
+            return torch.from_numpy(values.astype(np.int64))
+        if values.ndim == 2:
+            return torch.from_numpy(values.astype(np.float32))
+        raise ValueError(f"{self.path}: dataset.json labels must be ints or 1-D lists, got ndim={values.ndim}")
+
+    # -- images --------------------------------------------------------------------------------
+    def _list_files(self) -> set[str]:
+        raise NotImplementedError
+
+    def _open(self, name: str):
+        raise NotImplementedError
+
+    def _image(self, i: int) -> Tensor:
+        name = self.image_names[i]
+        with self._open(name) as f, PIL.Image.open(f) as img:
+            if img.mode not in _MODE_CHANNELS or _MODE_CHANNELS[img.mode][1] != self._num_channels:
+                raise ValueError(f"{self.path}: {name} has mode {img.mode!r}, expected "
+                                 f"{self._num_channels} channels")
+            if img.size[0] != img.size[1]:
+                raise ValueError(f"{self.path}: image {name} is {img.size[0]}x{img.size[1]}, not square")
+            arr = np.array(img.convert(self._mode), dtype=np.uint8)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        x = torch.from_numpy(arr).permute(2, 0, 1)  # HWC -> CHW
+        if x.shape[-1] != self._resolution:
+            if self._native is not None and x.shape[-1] != self._native and self._resolution == self._native:
+                raise ValueError(f"{self.path}: {name} is {x.shape[-1]}x{x.shape[-1]}, expected "
+                                 f"{self._native}x{self._native}")
+            x = _resize_uint8(x[None], self._resolution)[0]
+        return _uint8_to_float(x)
+
+
+class ImageFolderDataset(_FileImageDataset):
+    """Images (PNG/JPG) found recursively under a directory, sorted by relative path.
+
+    Args:
+        path: the directory.
+        resolution: expected resolution; a mismatch raises unless ``resize=True``.
+        conditional: return labels (one-hot for class indices; float vectors as stored).
+        labels: 'auto' (``dataset.json`` if present, else none), 'json' (required), 'folders'
+            (class = sorted top-level subfolder name), 'none'.
+        resize: resize (bilinear, antialiased) to ``resolution`` instead of raising.
+        verify: read every image header to check sizes / channels (cheap; False checks only the first).
+
+    ``dataset.json`` is EDM's format: ``{"labels": [["00000/img00000000.png", 6], ...]}`` with paths
+    relative to ``path`` using '/' separators.
+    """
+
+    def __init__(self, path: str, resolution: int | None = None, conditional: bool = False,
+                 labels: str = "auto", resize: bool = False, verify: bool = True):
+        if not os.path.isdir(path):
+            raise DatasetNotFoundError(f"image folder not found: expected a directory at {os.path.abspath(path)!r}")
+        super().__init__(path, resolution, conditional, labels, resize, verify)
+
+    def _list_files(self) -> set[str]:
+        names = set()
+        for root, _dirs, files in os.walk(self.path):
+            for fname in files:
+                rel = os.path.relpath(os.path.join(root, fname), start=self.path)
+                names.add(rel.replace(os.sep, "/"))
+        return names
+
+    def _open(self, name: str):
+        return open(os.path.join(self.path, *name.split("/")), "rb")
+
+
+class ImageZipDataset(_FileImageDataset):
+    """EDM-style zip archive of images (as written by EDM's ``dataset_tool.py``) + optional dataset.json.
+
+    The archive is opened lazily, once per process (so each DataLoader worker gets its own handle)
+    and the dataset pickles without it. Arguments as for ``ImageFolderDataset``.
+    """
+
+    def __init__(self, path: str, resolution: int | None = None, conditional: bool = False,
+                 labels: str = "auto", resize: bool = False, verify: bool = True):
+        if not os.path.isfile(path):
+            raise DatasetNotFoundError(f"zip dataset not found: expected a file at {os.path.abspath(path)!r}")
+        self._zip: zipfile.ZipFile | None = None
+        self._zip_pid: int | None = None
+        super().__init__(path, resolution, conditional, labels, resize, verify)
+
+    def _zipfile(self) -> zipfile.ZipFile:
+        if self._zip is None or self._zip_pid != os.getpid():
+            self._zip = zipfile.ZipFile(self.path)
+            self._zip_pid = os.getpid()
+        return self._zip
+
+    def _list_files(self) -> set[str]:
+        return {n for n in self._zipfile().namelist() if not n.endswith("/")}
+
+    def _open(self, name: str):
+        # Read the member fully: PIL may seek, and zip members are small.
+        return io.BytesIO(self._zipfile().read(name))
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+        self._zip, self._zip_pid = None, None
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _zip=None, _zip_pid=None)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in data (a): antialiased shapes, an explicit function of a parameter vector.
+
+SHAPE_KINDS = ("disk", "square", "triangle")
+SHAPE_SYMMETRY_ORDERS = (0, 4, 3)  # rotational symmetry order k per kind (0: rotation-invariant)
+SHAPE_PARAM_NAMES = (
+    "kind_disk", "kind_square", "kind_triangle",  # one-hot kind
+    "cx", "cy",  # centre, in image-width units (x: column, y: row; image spans [0, 1])
+    "size",  # circumradius in image-width units (disk radius, square half-diagonal, triangle circumradius)
+    "cos_ktheta", "sin_ktheta",  # orientation (cos k*theta, sin k*theta); (0, 0) for the disk
+    "fg_r", "fg_g", "fg_b",  # foreground colour in [0, 1]
+    "bg_r", "bg_g", "bg_b",  # background colour in [0, 1]
+)
+_CENTRE_RANGE = (0.25, 0.75)  # [4, 12] px at 16 px
+_SIZE_RANGE = (2.5 / 16, 5.5 / 16)  # 2.5-5.5 px at 16 px
+_MIN_CONTRAST = 0.6  # max_c |fg_c - bg_c| >= 0.6
+
+
+def _safe_norm(x: Tensor, y: Tensor) -> Tensor:
+    """sqrt(x^2 + y^2) with a finite gradient at the origin."""
+    return (x * x + y * y).clamp_min(1e-12).sqrt()
+
+
+def sdf_disk(ux: Tensor, uy: Tensor, size: Tensor) -> Tensor:
+    """Signed distance to a disk of radius ``size`` at the origin (negative inside)."""
+    return _safe_norm(ux, uy) - size
+
+
+def sdf_square(ux: Tensor, uy: Tensor, size: Tensor) -> Tensor:
+    """Exact signed distance to the axis-aligned square of half-diagonal ``size`` (half-side size/sqrt 2)."""
+    a = size / math.sqrt(2.0)
+    qx, qy = ux.abs() - a, uy.abs() - a
+    outside = _safe_norm(qx.clamp_min(0), qy.clamp_min(0)) * ((qx > 0) | (qy > 0))
+    return outside + torch.maximum(qx, qy).clamp_max(0)
+
+
+def sdf_triangle(ux: Tensor, uy: Tensor, size: Tensor) -> Tensor:
+    """Exact signed distance to the equilateral triangle of circumradius ``size`` centred (centroid) at
+    the origin, with one apex on the +y axis (vertices (0, s), (+-s sqrt3/2, -s/2)).
+
+    Closed form: fold by the mirror symmetries to one edge, then distance to that segment
+    (the classical construction, e.g. I. Quilez's 2-D distance functions).
+    """
+    k = math.sqrt(3.0)
+    r = size * (k / 2)  # half side length
+    px = ux.abs() - r
+    py = uy + r / k  # shift so the base edge (y = -s/2) lies on py = 0
+    fold = (px + k * py) > 0
+    px, py = torch.where(fold, (px - k * py) / 2, px), torch.where(fold, (-k * px - py) / 2, py)
+    px = px - torch.clamp(px, min=-2 * r, max=torch.zeros_like(px))  # distance to the folded edge segment
+    return -_safe_norm(px, py) * torch.sign(py)
+
+
+_SDFS: tuple[Callable[[Tensor, Tensor, Tensor], Tensor], ...] = (sdf_disk, sdf_square, sdf_triangle)
+
+
+def render_shapes(params: Tensor, resolution: int = 16) -> Tensor:
+    """Render shape parameters to images; differentiable w.r.t. every continuous parameter.
+
+    Args:
+        params: float [n, 14], columns ``SHAPE_PARAM_NAMES``. The kind columns are blend weights of
+            the three shapes' coverages (one-hot for data; soft weights interpolate).
+        resolution: R; pixel (row i, column j) has its centre at ((j + 0.5)/R, (i + 0.5)/R).
+    Returns:
+        images float [n, 3, R, R] in [-1, 1]: ``2 * (bg + alpha * (fg - bg)) - 1`` with coverage
+        ``alpha = clamp(0.5 - R * sdf, 0, 1)`` (a linear ramp 1 px wide centred on the edge).
+
+    Rotation: the shape is rotated by theta, recovered as ``atan2(sin k theta, cos k theta) / k``
+    (exact up to the shape's symmetry, so the image is unique); local coordinates
+    ``u = R(-theta) (p - c)``. At theta = 0 the square is axis-aligned and the triangle's apex points
+    toward increasing row index (downward in the image).
+    """
+    if params.ndim != 2 or params.shape[1] != len(SHAPE_PARAM_NAMES):
+        raise ValueError(f"params must be [n, {len(SHAPE_PARAM_NAMES)}], got {tuple(params.shape)}")
+    n, R = params.shape[0], int(resolution)
+    kind_w = params[:, 0:3, None, None]  # [n, 3, 1, 1]
+    cx, cy, size = (params[:, j, None, None] for j in (3, 4, 5))  # [n, 1, 1]
+    c, s = params[:, 6, None, None], params[:, 7, None, None]
+    fg, bg = params[:, 8:11, None, None], params[:, 11:14, None, None]  # [n, 3, 1, 1]
+
+    coords = (torch.arange(R, device=params.device, dtype=params.dtype) + 0.5) / R
+    py, px = coords[None, :, None], coords[None, None, :]  # rows, columns -> broadcast [1, R, R]
+    dx, dy = px - cx, py - cy  # [n, R, R]
+
+    # Angle from (cos k theta, sin k theta); the double-where keeps gradients finite at (0, 0).
+    zero = (c == 0) & (s == 0)
+    phi = torch.atan2(torch.where(zero, torch.zeros_like(s), s), torch.where(zero, torch.ones_like(c), c))
+    alpha = torch.zeros(n, R, R, device=params.device, dtype=params.dtype)
+    for kind, (sdf, order) in enumerate(zip(_SDFS, SHAPE_SYMMETRY_ORDERS)):
+        if order == 0:
+            ux, uy = dx, dy
+        else:
+            theta = phi / order
+            ct, st = torch.cos(theta), torch.sin(theta)
+            ux, uy = ct * dx + st * dy, -st * dx + ct * dy
+        cover = (0.5 - R * sdf(ux, uy, size)).clamp(0, 1)
+        alpha = alpha + kind_w[:, kind] * cover
+    img01 = bg + alpha[:, None] * (fg - bg)  # [n, 3, R, R]
+    return img01 * 2 - 1
+
+
+def sample_shape_params(n: int, generator: torch.Generator) -> Tensor:
+    """Draw ``n`` shape parameter vectors [n, 14] (columns ``SHAPE_PARAM_NAMES``).
+
+    kind ~ U{disk, square, triangle}; centre ~ U[0.25, 0.75]^2; size ~ U[2.5/16, 5.5/16];
+    theta ~ U[0, 2 pi); fg, bg ~ U[0, 1]^3, redrawn (vectorised) until max_c |fg_c - bg_c| >= 0.6.
+    """
+    g = generator
+    kind = torch.randint(0, 3, (n,), generator=g)
+    centre = _CENTRE_RANGE[0] + (_CENTRE_RANGE[1] - _CENTRE_RANGE[0]) * torch.rand(n, 2, generator=g)
+    size = _SIZE_RANGE[0] + (_SIZE_RANGE[1] - _SIZE_RANGE[0]) * torch.rand(n, 1, generator=g)
+    theta = 2 * math.pi * torch.rand(n, generator=g)
+    colours = torch.rand(n, 6, generator=g)
+    bad = (colours[:, :3] - colours[:, 3:]).abs().amax(1) < _MIN_CONTRAST
+    while bool(bad.any()):  # acceptance ~0.41 per draw, so a few dozen rounds at most
+        idx = bad.nonzero().squeeze(1)
+        colours[idx] = torch.rand(idx.numel(), 6, generator=g)
+        bad[idx] = (colours[idx, :3] - colours[idx, 3:]).abs().amax(1) < _MIN_CONTRAST
+    order = torch.tensor(SHAPE_SYMMETRY_ORDERS, dtype=torch.float32)[kind]
+    orient = torch.stack([torch.cos(order * theta), torch.sin(order * theta)], 1)
+    orient = orient * (order > 0).to(torch.float32)[:, None]  # disk: (0, 0)
+    return torch.cat([_one_hot(kind, 3), centre, size, orient, colours], 1)
+
+
+def make_shapes(n: int, resolution: int = 16, seed: int = 0, chunk: int = 2048) -> tuple[Tensor, Tensor]:
+    """Deterministic shapes data: (images float32 [n, 3, R, R] in [-1, 1], params float32 [n, 14]).
+
+    ``images == render_shapes(params, R)``; geometry is resolution-independent (image-width units),
+    so the centre spans [R/4, 3R/4] px and the size 2.5R/16-5.5R/16 px at any R.
+    """
+    if n < 0 or resolution < 1:
+        raise ValueError(f"need n >= 0 and resolution >= 1, got n={n}, resolution={resolution}")
+    g = torch.Generator().manual_seed(int(seed))
+    params = sample_shape_params(n, g)
+    with torch.no_grad():
+        images = [render_shapes(params[i:i + chunk], resolution) for i in range(0, n, chunk)]
+    images = torch.cat(images) if images else torch.zeros(0, 3, resolution, resolution)
+    return images, params
+
+
+class ShapesDataset(ImageDataset):
+    """``make_shapes`` as a dataset; ``.params`` [n, 14]; label: Tensor[0], or one-hot kind [3]
+    when ``conditional=True``. Images are held as float32 (exactly ``render_shapes(params)``)."""
+
+    def __init__(self, n: int = 10000, resolution: int = 16, seed: int = 0, conditional: bool = False):
+        self.name = "shapes"
+        self.images, self.params = make_shapes(n, resolution, seed)
+        self.class_index = self.params[:, :3].argmax(1)
+        self.labels = self.params[:, :3].clone() if conditional else torch.zeros(n, 0)
+        self._resolution, self._num_channels = int(resolution), 3
+        self.seed = seed
+
+    def _image(self, i: int) -> Tensor:
+        return self.images[i].clone()
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        return self.images.clone(), self.labels.clone()
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in data (b): a flat 2-D disk embedded in R^D (the paper's synthetic tangent study).
+
+@dataclass
+class DiskData:
+    """Points uniform (in area) on the disk ``{offset + basis @ a : ||a|| <= radius}`` in R^D.
+
+    Attributes:
+        points: float32 [n, D] samples.
+        basis: float32 [D, 2], orthonormal columns spanning the tangent plane.
+        offset: float32 [D], the disk's centre.
+        radius: disk radius.
+
+    Vectors ``v`` may be [n, D] or any [n, ...] that flattens to D (e.g. images [n, D, 1, 1]);
+    projections return the input's shape.
+    """
+
+    points: Tensor
+    basis: Tensor
+    offset: Tensor
+    radius: float
+
+    @property
+    def dim(self) -> int:
+        return int(self.basis.shape[0])
+
+    def _flat(self, v: Tensor) -> Tensor:
+        flat = v.reshape(v.shape[0], -1) if v.ndim > 1 else v[None]
+        if flat.shape[1] != self.dim:
+            raise ValueError(f"expected vectors of dimension {self.dim}, got shape {tuple(v.shape)}")
+        return flat
+
+    def tangent_projection(self, v: Tensor) -> Tensor:
+        """P_T v = B B^T v: the component of v parallel to the disk (the manifold's tangent space)."""
+        B = self.basis.to(v)
+        return ((self._flat(v) @ B) @ B.T).reshape(v.shape)
+
+    def normal_projection(self, v: Tensor) -> Tensor:
+        """(I - B B^T) v: the component of v normal to the disk's plane."""
+        return v - self.tangent_projection(v)
+
+    def coordinates(self, x: Tensor) -> Tensor:
+        """In-plane coordinates a = B^T (x - offset): [n, 2]."""
+        return (self._flat(x) - self.offset.to(x)) @ self.basis.to(x)
+
+    def project(self, x: Tensor) -> Tensor:
+        """Nearest point on the (closed) disk, same shape as x."""
+        a = self.coordinates(x)
+        norm = a.norm(dim=1, keepdim=True)
+        a = a * (self.radius / norm.clamp_min(self.radius))  # shrink points outside the radius
+        return (self.offset.to(x) + a @ self.basis.to(x).T).reshape(x.shape)
+
+    def distance_to_manifold(self, x: Tensor) -> Tensor:
+        """Euclidean distance to the disk: sqrt(||normal part||^2 + max(||a|| - radius, 0)^2), [n]."""
+        y = self._flat(x) - self.offset.to(x)
+        a = y @ self.basis.to(x)
+        normal = y - a @ self.basis.to(x).T
+        excess = (a.norm(dim=1) - self.radius).clamp_min(0)
+        return (normal.pow(2).sum(1) + excess.pow(2)).sqrt()
+
+    def as_images(self) -> Tensor:
+        """points viewed as images [n, D, 1, 1] (D channels, 1x1 pixels) for image networks."""
+        return self.points[:, :, None, None]
+
+
+def make_disk(n: int, dim: int = 16, radius: float = 1.0, seed: int = 0,
+              offset: Tensor | float | None = None) -> DiskData:
+    """Sample a flat 2-D disk embedded in R^dim.
+
+    The frame is the Q factor of a seeded Gaussian [dim, 2] matrix (signs fixed so diag(R) > 0);
+    points are ``offset + basis @ (rho cos phi, rho sin phi)`` with ``rho = radius sqrt(U)``,
+    ``phi = 2 pi U'`` (uniform in area). ``offset``: None/0 (centred at the origin), a [dim]
+    tensor, or a float s (a seeded random Gaussian direction scaled to norm s). With radius <= 1 and
+    no offset every coordinate lies in [-1, 1], like image pixels.
+    """
+    if dim < 2 or n < 0 or radius <= 0:
+        raise ValueError(f"need dim >= 2, n >= 0, radius > 0; got dim={dim}, n={n}, radius={radius}")
+    g = torch.Generator().manual_seed(int(seed))
+    gauss = torch.randn(dim, 2, generator=g, dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)
+    q = q * torch.sign(torch.diagonal(r))[None]
+    basis = q.to(torch.float32)
+    rho = radius * torch.rand(n, generator=g, dtype=torch.float64).sqrt()
+    phi = 2 * math.pi * torch.rand(n, generator=g, dtype=torch.float64)
+    coords = torch.stack([rho * torch.cos(phi), rho * torch.sin(phi)], 1)
+    if offset is None:
+        off = torch.zeros(dim, dtype=torch.float64)
+    elif isinstance(offset, Tensor):
+        if offset.shape != (dim,):
+            raise ValueError(f"offset must have shape [{dim}], got {tuple(offset.shape)}")
+        off = offset.to(torch.float64)
+    else:
+        direction = torch.randn(dim, generator=g, dtype=torch.float64)
+        off = float(offset) * direction / direction.norm()
+    points = off + coords @ q.T
+    return DiskData(points=points.to(torch.float32), basis=basis, offset=off.to(torch.float32),
+                    radius=float(radius))
+
+
+class DiskDataset(ImageDataset):
+    """``make_disk`` points as images [D, 1, 1] (resolution 1, D channels), unconditional."""
+
+    def __init__(self, n: int = 10000, dim: int = 16, radius: float = 1.0, seed: int = 0,
+                 offset: Tensor | float | None = None):
+        self.name = "disk"
+        self.data = make_disk(n, dim, radius, seed, offset)
+        self.labels = torch.zeros(n, 0)
+        self._resolution, self._num_channels = 1, int(dim)
+
+    def _image(self, i: int) -> Tensor:
+        return self.data.points[i, :, None, None].clone()
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        return self.data.as_images().clone(), self.labels.clone()
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers and registry.
+
+def as_tensors(ds: torch.utils.data.Dataset, limit: int | None = None) -> tuple[Tensor, Tensor]:
+    """Stack a (small) dataset: (images float32 [N, C, H, W], labels float32 [N, label_dim]).
+
+    Uses the dataset's own ``tensors()`` when available (one conversion, no per-item loop);
+    ``limit`` keeps the first ``limit`` items.
+    """
+    n = len(ds) if limit is None else min(int(limit), len(ds))
+    if isinstance(ds, ImageDataset):
+        if n == len(ds):
+            return ds.tensors()
+        if isinstance(ds, InMemoryImageDataset):
+            return _uint8_to_float(ds.images[:n]), ds.labels[:n].clone()
+    items = [ds[i] for i in range(n)]
+    if not items:
+        raise ValueError("as_tensors: empty dataset (cannot infer shapes)")
+    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
+
+def _no_download(name: str, download: bool) -> None:
+    if download:
+        raise ValueError(f"dataset {name!r} is read from local files; download=True is not supported")
+
+
+def _get_cifar10(root, resolution, download, conditional, **kw):
+    return CIFAR10Dataset(root, resolution=resolution, download=download, conditional=conditional, **kw)
+
+
+def _get_mnist(variant: str):
+    def make(root, resolution, download, conditional, **kw):
+        return MNISTDataset(root, variant=variant, resolution=resolution, download=download,
+                            conditional=conditional, **kw)
+    return make
+
+
+def _get_folder(root, resolution, download, conditional, **kw):
+    _no_download("folder", download)
+    if root is None:
+        raise ValueError("dataset 'folder' needs root=<directory of images>")
+    return ImageFolderDataset(root, resolution=resolution, conditional=conditional, **kw)
+
+
+def _get_zip(root, resolution, download, conditional, **kw):
+    _no_download("zip", download)
+    if root is None:
+        raise ValueError("dataset 'zip' needs root=<path to the .zip archive>")
+    return ImageZipDataset(root, resolution=resolution, conditional=conditional, **kw)
+
+
+def _get_shapes(root, resolution, download, conditional, **kw):
+    return ShapesDataset(resolution=16 if resolution is None else int(resolution), conditional=conditional, **kw)
+
+
+def _get_disk(root, resolution, download, conditional, **kw):
+    if resolution not in (None, 1):
+        raise ValueError(f"dataset 'disk' has resolution 1 (points as [D, 1, 1] images), got {resolution}")
+    if conditional:
+        raise ValueError("dataset 'disk' has no labels; conditional=True is not supported")
+    return DiskDataset(**kw)
+
+
+_REGISTRY: dict[str, Callable[..., ImageDataset]] = {
+    "cifar10": _get_cifar10,
+    "mnist": _get_mnist("mnist"),
+    "fashion-mnist": _get_mnist("fashion-mnist"),
+    "folder": _get_folder,
+    "zip": _get_zip,
+    "shapes": _get_shapes,
+    "disk": _get_disk,
+}
+DATASET_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_dataset(name: str, root: str | None = None, resolution: int | None = None, download: bool = False,
+                conditional: bool = False, **kw) -> ImageDataset:
+    """Build a dataset by name.
+
+    Args:
+        name: one of ``DATASET_NAMES``: 'cifar10', 'mnist', 'fashion-mnist' (``root`` = data root,
+            default ``default_data_root()``), 'folder' / 'zip' (``root`` = the directory / archive),
+            'shapes', 'disk' (built in; ``root`` and ``download`` ignored).
+        resolution: expected/output resolution (None: the dataset's native one).
+        download: fetch CIFAR-10 / (Fashion-)MNIST when missing.
+        conditional: labels one-hot (label_dim > 0) instead of Tensor[0].
+        **kw: passed to the dataset class (e.g. ``split``, ``mnist_mode``, ``rgb``, ``resize``,
+            ``labels``, ``n``, ``seed``, ``dim``).
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+    return _REGISTRY[name](root, resolution, download, conditional, **kw)
