@@ -130,7 +130,7 @@ def micro_batching(cfg: TrainConfig, world: int) -> tuple[int, int]:
 def build_dataset(cfg: TrainConfig):
     from .data import get_dataset
     d = cfg.data
-    kw = {"num_images": d.num_images, "seed": d.seed} if d.name in ("shapes",) else {}
+    kw = {"n": d.num_images, "seed": d.seed} if d.name == "shapes" else {}
     ds = get_dataset(d.name, root=d.root, resolution=d.resolution, download=d.download,
                      conditional=d.conditional, **kw)
     if ds.resolution != d.resolution:
@@ -223,7 +223,7 @@ def build_objective(cfg: TrainConfig, img_channels: int, device: torch.device):
         L = len(AUG_SETS[cfg.feature.aug_set])
         model = build_feature_net(cfg.feature.arch, resolution=cfg.data.resolution, in_channels=img_channels,
                                   num_outputs=L)
-        pipe = AugmentPipe(cfg.feature.aug_set, p=cfg.feature.p).to(device)
+        pipe = AugmentPipe(cfg.feature.aug_set, p=cfg.feature.p)
         return model, FeatureObjective(pipe, cfg.feature.p, cfg.feature.p_ramp_iters), {"num_outputs": L}
     return None
 
@@ -421,13 +421,25 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
                     f.write(json.dumps({"iteration": done, **res}) + "\n")
         if done % cfg.ckpt_every == 0 or done == cfg.iters:
             save(done)
-    if d.world > 1:
-        dist.barrier()
+    ddp_check = replica_divergence(model, d) if d.world > 1 else None
     if end_it == cfg.iters and d.is_main:
         if not ck.list_checkpoints(run_dir) or ck.list_checkpoints(run_dir)[-1][0] != cfg.iters:
             save(cfg.iters)
-        finish_run(cfg, run_dir, model, ema, ds, d.device, time.time() - t_start, start_it)
+        finish_run(cfg, run_dir, model, ema, ds, d.device, time.time() - t_start, start_it, ddp_check)
+    if d.world > 1:
+        dist.barrier()
     return run_dir
+
+
+@torch.no_grad()
+def replica_divergence(model: torch.nn.Module, d: Dist) -> dict:
+    """Max |theta_rank - theta_0| over all parameters and ranks: DDP replicas must stay identical (0.0)."""
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    diff = (flat - ref).abs().max().reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return {"world_size": d.world, "max_param_diff_across_ranks": float(diff.item())}
 
 
 def _copy_module(m: torch.nn.Module) -> torch.nn.Module:
@@ -493,12 +505,15 @@ def save_sample_grid(ema, cfg: TrainConfig, img_channels: int, label_dim: int, p
     torchvision.utils.save_image((x + 1) / 2, str(path), nrow=8)
 
 
-def finish_run(cfg: TrainConfig, run_dir: Path, model, ema, ds, device, wall_s: float, start_it: int) -> None:
+def finish_run(cfg: TrainConfig, run_dir: Path, model, ema, ds, device, wall_s: float, start_it: int,
+               ddp_check: Optional[dict] = None) -> None:
     """Write results.json; a feature network reports its per-label regression quality (R^2)."""
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["train"] = {"iterations": cfg.iters, "wall_clock_s_last_session": round(wall_s, 1),
                         "started_at_iteration": start_it}
+    if ddp_check is not None:
+        results["ddp"] = ddp_check
     if cfg.stage == "feature":
         results["feature_net"] = feature_net_quality(model, cfg, ds, device)
         _log(Dist(), "[ayt] feature net R^2 per label: " +
@@ -511,7 +526,7 @@ def feature_net_quality(model, cfg: TrainConfig, ds, device, batch: int = 256) -
     """Per-label R^2 and relative MSE of the label regression on held-out augmented images (p = cfg.feature.p)."""
     from .augment import AUG_SETS, AugmentPipe
     names = AUG_SETS[cfg.feature.aug_set]
-    pipe = AugmentPipe(cfg.feature.aug_set, p=cfg.feature.p).to(device)
+    pipe = AugmentPipe(cfg.feature.aug_set, p=cfg.feature.p)
     gen = torch.Generator(device).manual_seed(derive_seed(cfg.seed, 0xE7A1))
     n = min(cfg.feature.eval_images, len(ds))
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0xE7A2)))[:n]
