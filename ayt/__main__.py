@@ -41,25 +41,19 @@ def cmd_demo(args) -> int:
 def cmd_sample(args) -> int:
     import torch
     import torchvision
-    from . import checkpoint as ck
-    from .config import from_dict
-    from .train import build_diffusion_net, generate
-    path = ck.resolve_checkpoint(args.run)
-    state = ck.load_checkpoint(path)
-    cfg = from_dict(state["config"])
-    if cfg.stage == "feature":
-        raise ConfigError(f"{path} is a feature-network checkpoint; nothing to sample")
+    from .sampling import generate
+    from .train import load_run_model
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    channels, label_dim = state["img_channels"], state["label_dim"]
-    net = build_diffusion_net(cfg, channels, label_dim)
-    ck.load_state_dict_strict(net, state["ema"], f"checkpoint {path}")
-    x = generate(net.to(device).eval(), cfg.stage, args.n, channels, cfg.data.resolution, label_dim,
+    net, cfg, state = load_run_model(args.run, "ema", device)
+    if cfg.stage == "feature":
+        raise ConfigError(f"{args.run} is a feature-network run; nothing to sample")
+    x = generate(net, cfg.stage, args.n, state["img_channels"], cfg.data.resolution, state["label_dim"],
                  args.seed, device, steps=args.steps)
-    out = Path(args.out or Path(args.run if Path(args.run).is_dir() else path.parent.parent) / "samples" /
-               f"sample-{state['iteration']:08d}-{args.steps}step-seed{args.seed}.png")
+    run_dir = Path(cfg.run_root) / cfg.name if Path(args.run).is_file() else Path(args.run)
+    out = Path(args.out or run_dir / "samples" / f"sample-{state['iteration']:08d}-{args.steps}step-seed{args.seed}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     torchvision.utils.save_image((x + 1) / 2, str(out), nrow=int(max(1, args.n ** 0.5)))
-    print(f"[ayt] {args.n} samples from {path} -> {out}")
+    print(f"[ayt] {args.n} samples from {args.run} (iteration {state['iteration']}) -> {out}")
     return 0
 
 

@@ -189,10 +189,12 @@ def _sigma(x: torch.Tensor, s: float) -> torch.Tensor:
 @torch.no_grad()
 def consistency_sample(net: Callable, noise: torch.Tensor, sigmas: Sequence[float] = (SIGMA_MAX,),
                        sigma_min: float = SIGMA_MIN, class_labels: Optional[torch.Tensor] = None,
-                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                       generator: Optional[torch.Generator] = None,
+                       offset: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Multistep consistency sampling.
 
-    Starts from `x = sigmas[0] * noise`. For each sigma s_i: one Euler step of the PF-ODE from s_i
+    Starts from `x = sigmas[0] * noise` (plus `offset`, e.g. clean images x_0 for the one-step
+    denoisings of dFID: x = x_0 + sigma eps). For each sigma s_i: one Euler step of the PF-ODE from s_i
     to sigma_min with the network's denoiser, `x <- x + (x - f(x, s_i)) / s_i * (sigma_min - s_i)`;
     then, if another sigma follows, re-noise to it: `x <- x + sqrt(s_{i+1}^2 - sigma_min^2) n`.
     sigmas=(80,) is 1-step sampling, (80, 0.821) the 2-step sampler of METHOD.md section 5.
@@ -200,7 +202,7 @@ def consistency_sample(net: Callable, noise: torch.Tensor, sigmas: Sequence[floa
     sigmas = [float(s) for s in sigmas]
     if any(s <= sigma_min for s in sigmas):
         raise ValueError(f"all sampling sigmas must exceed sigma_min={sigma_min}, got {sigmas}")
-    x = noise * sigmas[0]
+    x = noise * sigmas[0] if offset is None else offset + noise * sigmas[0]
     for i, s in enumerate(sigmas):
         D = net(x, _sigma(x, s), class_labels)
         x = x + (x - D) / s * (sigma_min - s)

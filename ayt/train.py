@@ -471,34 +471,28 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-@torch.no_grad()
-def generate(net: torch.nn.Module, stage: str, n: int, img_channels: int, resolution: int, label_dim: int,
-             seed: int, device: torch.device, steps: int = 1, batch: int = 256) -> torch.Tensor:
-    """n samples [n, C, H, W] from a trained model: consistency sampling (1 or 2 steps) or, for a
-    diffusion model, the 18-step EDM Heun sampler. Deterministic in `seed`."""
-    out = []
-    gen = torch.Generator(device).manual_seed(seed)
-    for i in range(0, n, batch):
-        b = min(batch, n - i)
-        noise = torch.randn(b, img_channels, resolution, resolution, generator=gen, device=device)
-        labels = None
-        if label_dim:
-            labels = torch.nn.functional.one_hot(torch.randint(label_dim, (b,), generator=gen, device=device),
-                                                 label_dim).float()
-        if stage == "diffusion":
-            x = C.edm_heun_sample(net, noise, class_labels=labels)
-        else:
-            sigmas = (C.SIGMA_MAX,) if steps == 1 else (C.SIGMA_MAX, C.SIGMA_MID) if steps == 2 else None
-            if sigmas is None:
-                raise ValueError(f"steps must be 1 or 2, got {steps}")
-            x = C.consistency_sample(net, noise, sigmas, class_labels=labels, generator=gen)
-        out.append(x.clamp(-1, 1).cpu())
-    return torch.cat(out)
+def load_run_model(path, which: str = "ema", device="cpu") -> tuple[torch.nn.Module, TrainConfig, dict]:
+    """(network in eval mode, its run config, the checkpoint dict) from a run directory or checkpoint file.
+    which: "ema" (what sampling and evaluation use) or "model" (the raw weights)."""
+    ckpt_path = ck.resolve_checkpoint(path)
+    state = ck.load_checkpoint(ckpt_path)
+    cfg = from_dict(state["config"])
+    if which not in ("ema", "model"):
+        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+    if cfg.stage == "feature":
+        from .features import build_feature_net
+        net = build_feature_net(cfg.feature.arch, resolution=cfg.data.resolution, in_channels=state["img_channels"],
+                                num_outputs=state["num_outputs"])
+    else:
+        net = build_diffusion_net(cfg, state["img_channels"], state["label_dim"])
+    ck.load_state_dict_strict(net, state[which], f"checkpoint {ckpt_path}")
+    return net.to(device).eval(), cfg, state
 
 
 def save_sample_grid(ema, cfg: TrainConfig, img_channels: int, label_dim: int, path: Path, device) -> None:
     import torchvision
     was_training = ema.training
+    from .sampling import generate
     x = generate(ema.eval(), cfg.stage, 64, img_channels, cfg.data.resolution, label_dim, cfg.seed, device)
     ema.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
