@@ -57,6 +57,21 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evaluate import EvalConfig, evaluate_run
+    from .train import setup_distributed
+    ecfg = EvalConfig(metric=args.metric, n=args.n, runs=args.runs, steps=tuple(args.steps),
+                      dfid_sigmas=tuple(args.dfid), batch=args.batch, seed=args.seed, ref=args.ref,
+                      ref_images=args.ref_images, inception=args.inception, evaluator=args.evaluator,
+                      extras=not args.no_extras, device=args.device)
+    d = setup_distributed(args.device)  # under torchrun: samples and features split across ranks
+    if ecfg.device is None:
+        ecfg.device = str(d.device)
+    for run in args.runs_dirs:
+        evaluate_run(run, ecfg, args.checkpoints, log=print if d.is_main else (lambda *a: None))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ayt", description="Align Your Tangent: training and sampling.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_presets_text())
@@ -84,13 +99,32 @@ def main(argv=None) -> int:
     s.add_argument("--out")
     s.set_defaults(fn=cmd_sample)
 
+    e = sub.add_parser("eval", help="FID / FD_eval of runs' checkpoints (1- and 2-step, dFID); appends to results.json")
+    e.add_argument("runs_dirs", nargs="+", metavar="RUN", help="run directories")
+    e.add_argument("--checkpoints", default="latest", help="latest | all | comma-separated iterations")
+    e.add_argument("--metric", default="auto", choices=("auto", "fid", "fd_eval"),
+                   help="auto: fd_eval (shapes evaluator) on the built-in shapes data, FID otherwise")
+    e.add_argument("--n", type=int, default=50000, help="samples per sampling run")
+    e.add_argument("--runs", type=int, default=3, help="sampling runs per checkpoint (mean, std, min)")
+    e.add_argument("--steps", type=int, nargs="+", default=[1, 2], choices=(1, 2))
+    e.add_argument("--dfid", type=float, nargs="*", default=[0.2, 0.4, 0.8], help="dFID sigmas (none: --dfid)")
+    e.add_argument("--batch", type=int, default=500)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--ref", help="reference statistics .npz (keys mu, sigma), e.g. pytorch-fid's or EDM's CIFAR-10 file")
+    e.add_argument("--ref-images", type=int, default=50000, help="images for computed reference statistics")
+    e.add_argument("--inception", help="pt_inception-2015-12-05-6726825d.pth (else $AYT_INCEPTION_WEIGHTS, hub cache)")
+    e.add_argument("--evaluator", help="shapes evaluator file (default: trained once, cached under data/evaluators)")
+    e.add_argument("--no-extras", action="store_true", help="fd_eval: skip precision/recall, SWD, manifold error")
+    e.add_argument("--device")
+    e.set_defaults(fn=cmd_eval)
+
     pr = sub.add_parser("presets", help="list presets and their settings")
     pr.set_defaults(fn=lambda a: print(_presets_text()) or 0)
 
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

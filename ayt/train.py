@@ -130,7 +130,7 @@ def micro_batching(cfg: TrainConfig, world: int) -> tuple[int, int]:
 def build_dataset(cfg: TrainConfig):
     from .data import get_dataset
     d = cfg.data
-    kw = {"n": d.num_images, "seed": d.seed} if d.name == "shapes" else {}
+    kw = {"n": d.num_images, "seed": d.seed} if d.name in ("shapes", "disk") else {}
     ds = get_dataset(d.name, root=d.root, resolution=d.resolution, download=d.download,
                      conditional=d.conditional, **kw)
     if ds.resolution != d.resolution:
@@ -344,6 +344,9 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
     _log(d, f"[ayt] run {run_dir} | stage {cfg.stage} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params"
             f" | {d.world} process(es) on {d.device} | batch {cfg.batch} = {d.world} x {accum} x {micro} | {init_note}")
 
+    if eval_fn is None and cfg.eval_every and cfg.stage != "feature":
+        from .evaluate import make_eval_hook
+        eval_fn = make_eval_hook(cfg)
     ddp_model = model
     if d.world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(

@@ -1,0 +1,260 @@
+"""Evaluating runs: FID (Inception, pytorch-fid compatible) or, for the built-in shapes data, FD_eval
+(Frechet distance in the features of an independent evaluator network), 1- and 2-step sampling over
+K sampling runs (mean, std, min), dFID, and small-scale metrics (precision/recall, sliced
+Wasserstein in pixels, distance to the shapes manifold).
+
+    python -m ayt eval runs/<name> [--checkpoints all|latest|10000,20000] [--n 50000 --runs 3] ...
+
+Results are appended to runs/<name>/results.json under "eval" (one record per checkpoint,
+metric, sampler); the same record goes to the returned list.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import checkpoint as ck
+from . import fid
+from .config import TrainConfig
+from .sampling import batch_seed, denoise_batch, sampler
+
+METRICS = ("auto", "fid", "fd_eval")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    metric: str = "auto"             # fid | fd_eval | auto (fd_eval on the built-in shapes, fid otherwise)
+    n: int = 50000                   # samples per sampling run (METHOD.md: 50k)
+    runs: int = 3                    # sampling runs per checkpoint (METHOD.md: 3)
+    steps: tuple = (1, 2)            # consistency sampling steps to evaluate
+    dfid_sigmas: tuple = (0.2, 0.4, 0.8)  # one-step denoising FID at these sigmas; () disables
+    batch: int = 500
+    seed: int = 0
+    ref: Optional[str] = None        # reference statistics .npz (mu, sigma); default: computed from the run's data
+    ref_images: int = 50000          # images for computed reference statistics
+    inception: Optional[str] = None  # Inception weights file (else $AYT_INCEPTION_WEIGHTS / torch hub cache)
+    evaluator: Optional[str] = None  # shapes evaluator file (default: trained once and cached under data/)
+    extras: bool = True              # fd_eval: precision/recall, sliced Wasserstein, manifold error
+    device: Optional[str] = None
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; expected one of {METRICS}")
+        if self.n < 2 or self.runs < 1:
+            raise ValueError("n must be >= 2 and runs >= 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature backends: (feature_fn on quantised images, reference mu/sigma, reference features or None)
+
+def shapes_evaluator(resolution: int, path: Optional[str] = None, device="cpu", steps: int = 3000,
+                     seed: int = 0):
+    """The independent evaluator for the shapes data: a small CNN that regresses each image's
+    generating parameters (ayt.metrics.ShapesEvaluator), trained once on a separate shapes set
+    (seed 10_000 + seed) and cached; never the MFD feature network."""
+    from .data import make_shapes
+    from .metrics import ShapesEvaluator, train_evaluator
+    path = Path(path or f"data/evaluators/shapes-{resolution}px-seed{seed}.pt")
+    if path.exists():
+        return ShapesEvaluator.load(path).to(device).eval()
+    images, params = make_shapes(20000, resolution, seed=10_000 + seed)
+    ev = train_evaluator(images, params, steps=steps, batch_size=128, lr=1e-3, seed=seed, device=device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ev.save(path)
+    return ev.eval()
+
+
+class FeatureSpace:
+    """Features of quantised images plus the reference statistics of the run's data."""
+
+    def __init__(self, cfg: TrainConfig, ecfg: EvalConfig, device):
+        from .train import build_dataset
+        self.cfg, self.ecfg, self.device = cfg, ecfg, device
+        metric = ecfg.metric
+        if metric == "auto":
+            metric = "fd_eval" if cfg.data.name == "shapes" else "fid"
+        if metric == "fd_eval" and cfg.data.name != "shapes":
+            raise ValueError("fd_eval uses the shapes evaluator and needs data.name=shapes; use metric=fid")
+        self.metric = metric
+        self.dataset = build_dataset(cfg)
+        if metric == "fid":
+            net = fid.load_inception(ecfg.inception, device=device)
+            self.feature_fn = net
+        else:
+            self.evaluator = shapes_evaluator(cfg.data.resolution, ecfg.evaluator, device)
+            self.feature_fn = lambda x: self.evaluator.features(x)
+        self.ref_feats = None
+        n_ref = min(ecfg.ref_images, len(self.dataset))
+        if ecfg.ref is not None:
+            self.mu, self.sigma = fid.load_stats(ecfg.ref)
+        elif metric == "fid":
+            cache = Path(f"data/fid-refs/{cfg.data.name}-{cfg.data.resolution}px-{n_ref}.npz")
+            self.mu, self.sigma = fid.reference_stats(self._real(n_ref), cache, self.feature_fn, ecfg.batch, device)
+        else:
+            self.ref_feats = self.features(self._real(n_ref))
+            f = self.ref_feats.double()
+            self.mu, self.sigma = f.mean(0).numpy(), np.cov(f.numpy(), rowvar=False)
+
+    def _real(self, n: int) -> torch.Tensor:
+        idx = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.ecfg.seed))[:n]
+        return torch.stack([self.dataset[int(i)][0] for i in idx])
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, images.shape[0], self.ecfg.batch):
+            x = fid.quantize(images[i:i + self.ecfg.batch].to(self.device))
+            out.append(self.feature_fn(x).float().cpu())
+        return torch.cat(out)
+
+    def score(self, sample_fn: Callable[[int, int], torch.Tensor], n: int) -> dict:
+        """Distance of n samples to the reference (plus extras for fd_eval)."""
+        if self.metric == "fid":
+            return {"fid": fid.fid_from_generator(sample_fn, n, self.ecfg.batch, self.mu, self.sigma,
+                                                  self.feature_fn, self.device)}
+        from .metrics import precision_recall, shapes_manifold_error, sliced_wasserstein
+        b = self.ecfg.batch
+        images = torch.cat([sample_fn(i, min(b, n - i * b)).cpu() for i in range((n + b - 1) // b)])
+        feats = self.features(images)
+        f = feats.double()
+        out = {"fd_eval": fid.frechet_distance(f.mean(0).numpy(), np.cov(f.numpy(), rowvar=False), self.mu, self.sigma)}
+        if self.ecfg.extras:
+            real = self._real(min(n, len(self.dataset)))
+            p, r = precision_recall(self.ref_feats[:n * 2], feats, k=3)
+            out.update(precision=p, recall=r,
+                       swd_pixels=float(sliced_wasserstein(real, images, 128, torch.Generator().manual_seed(0))),
+                       manifold_error=float(shapes_manifold_error(images[:500], self.evaluator.cpu())))
+            self.evaluator.to(self.device)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _summary(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "min": float(a.min()),
+            "runs": [float(v) for v in a]}
+
+
+def evaluate_checkpoint(path, ecfg: EvalConfig, space: Optional[FeatureSpace] = None) -> list[dict]:
+    """Records for one checkpoint: for each sampler (1-step, 2-step; Heun for diffusion runs) the
+    metric over `runs` sampling runs, and dFID at each sigma (consistency runs)."""
+    from .train import load_run_model
+    device = torch.device(ecfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net, cfg, state = load_run_model(path, "ema", device)
+    if cfg.stage == "feature":
+        raise ValueError(f"{path} is a feature-network run; evaluate its R^2 in results.json instead")
+    space = space or FeatureSpace(cfg, ecfg, device)
+    C, R, L = state["img_channels"], cfg.data.resolution, state["label_dim"]
+    it = int(state["iteration"])
+    records = []
+    samplers = ["heun18"] if cfg.stage == "diffusion" else [f"{s}step" for s in ecfg.steps]
+    for name in samplers:
+        steps = 1 if name == "heun18" else int(name[0])
+        t0 = time.time()
+        per_run = [space.score(sampler(net, cfg.stage, C, R, L, ecfg.seed + 1000 * k, device, steps), ecfg.n)
+                   for k in range(ecfg.runs)]
+        rec = {"iteration": it, "sampler": name, "n": ecfg.n, "metric": space.metric,
+               "seconds": round(time.time() - t0, 1)}
+        for key in per_run[0]:
+            rec[key] = _summary([r[key] for r in per_run])
+        records.append(rec)
+    if cfg.stage == "consistency":
+        for sigma in ecfg.dfid_sigmas:
+            rec = {"iteration": it, "sampler": f"denoise@{sigma}", "n": ecfg.n, "metric": "d" + space.metric}
+            vals = [space.score(_denoiser(net, space, float(sigma), ecfg.seed + 1000 * k, device), ecfg.n)[space.metric]
+                    for k in range(ecfg.runs)]
+            rec[space.metric] = _summary(vals)
+            records.append(rec)
+    return records
+
+
+def _denoiser(net, space: FeatureSpace, sigma: float, seed: int, device):
+    """sample_fn for dFID: one-step denoisings of x_0 + sigma eps, x_0 from the run's data."""
+    ds = space.dataset
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+
+    def fn(index: int, size: int) -> torch.Tensor:
+        idx = order[(index * space.ecfg.batch + torch.arange(size)) % len(ds)]
+        items = [ds[int(i)] for i in idx]
+        x_0 = torch.stack([x for x, _ in items]).to(device)
+        labels = torch.stack([y for _, y in items]).to(device) if items[0][1].numel() else None
+        gen = torch.Generator(device).manual_seed(batch_seed(seed, index))
+        return denoise_batch(net, x_0, sigma, gen, labels)
+    return fn
+
+
+def select_checkpoints(run_dir, which: str = "latest") -> list[Path]:
+    """'latest', 'all', or comma-separated iterations."""
+    ckpts = ck.list_checkpoints(run_dir)
+    if not ckpts:
+        raise ck.CheckpointError(f"{run_dir} holds no checkpoints")
+    if which == "latest":
+        return [ckpts[-1][1]]
+    if which == "all":
+        return [p for _, p in ckpts]
+    wanted = {int(x) for x in which.split(",")}
+    found = [p for it, p in ckpts if it in wanted]
+    missing = wanted - {it for it, _ in ckpts}
+    if missing:
+        raise ck.CheckpointError(f"{run_dir} has no checkpoints at iterations {sorted(missing)}; "
+                                 f"available: {[it for it, _ in ckpts]}")
+    return found
+
+
+def evaluate_run(run_dir, ecfg: EvalConfig, which: str = "latest", log: Callable = print) -> list[dict]:
+    """Evaluate checkpoints of a run; append the records to results.json (rank 0)."""
+    run_dir = Path(run_dir)
+    paths = select_checkpoints(run_dir, which)
+    space = None
+    out = []
+    for p in paths:
+        if space is None:
+            from .train import load_run_model
+            device = torch.device(ecfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            _, cfg, _ = load_run_model(p, "ema", "cpu")
+            space = FeatureSpace(cfg, ecfg, device)
+        recs = evaluate_checkpoint(p, ecfg, space)
+        for r in recs:
+            log(f"[eval] {run_dir.name} it {r['iteration']} {r['sampler']}: {r['metric']} "
+                f"{r[space.metric]['mean']:.4g} (min {r[space.metric]['min']:.4g}, {ecfg.runs} run(s) x {ecfg.n})")
+        out.extend(recs)
+        append_results(run_dir, recs)
+    return out
+
+
+def append_results(run_dir: Path, records: list[dict]) -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    path = Path(run_dir) / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    key = lambda r: (r["iteration"], r["sampler"], r["metric"], r["n"])
+    new = {key(r) for r in records}
+    results["eval"] = [r for r in results.get("eval", []) if key(r) not in new] + records
+    results["eval"].sort(key=lambda r: (r["iteration"], r["sampler"]))
+    ck.write_json_atomic(results, path)
+
+
+def make_eval_hook(cfg: TrainConfig, n: Optional[int] = None) -> Callable:
+    """The in-training evaluation: 1-step metric of the EMA network on cfg.eval_samples samples."""
+    ecfg = EvalConfig(n=n or cfg.eval_samples, runs=1, steps=(1,), dfid_sigmas=(), extras=False, device=cfg.device)
+    state: dict = {}
+
+    def hook(ema, it: int, run_dir) -> dict:
+        device = next(ema.parameters()).device
+        if "space" not in state:
+            state["space"] = FeatureSpace(cfg, ecfg, device)
+        space = state["space"]
+        was = ema.training
+        res = space.score(sampler(ema.eval(), cfg.stage, ema.img_channels, cfg.data.resolution, ema.label_dim,
+                                  ecfg.seed, device, 1), ecfg.n)
+        ema.train(was)
+        return {f"eval_{k}_1step": v for k, v in res.items()}
+    return hook
