@@ -73,6 +73,10 @@ def cmd_eval(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["study"]:
+        from .study import main as study_main
+        return study_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m ayt", description="Align Your Tangent: training and sampling.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_presets_text())
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -117,6 +121,8 @@ def main(argv=None) -> int:
     e.add_argument("--no-extras", action="store_true", help="fd_eval: skip precision/recall, SWD, manifold error")
     e.add_argument("--device")
     e.set_defaults(fn=cmd_eval)
+
+    sub.add_parser("study", help="the mini study: AYT vs ECT on the shapes data, on CPU (see --help)", add_help=False)
 
     pr = sub.add_parser("presets", help="list presets and their settings")
     pr.set_defaults(fn=lambda a: print(_presets_text()) or 0)
