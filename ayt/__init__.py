@@ -7,3 +7,19 @@ Conventions used throughout the package:
   * phi is the frozen manifold feature network, phi.features(x) -> list[Tensor].
 """
 __version__ = "0.1.0"
+
+from .augment import AUG_SETS, AugmentPipe
+from .config import PRESETS, TrainConfig, make_config
+from .consistency import (TRSchedule, consistency_forward, consistency_sample, ect_loss, edm_heun_sample,
+                          sample_1step, sample_2step, sample_t_r)
+from .features import build_feature_net, freeze
+from .losses import MFD, direction_surrogate, distance_direction, mfd, pseudo_huber
+from .networks import EDMPrecond, build_network, load_edm_checkpoint
+from .train import load_run_model, train
+
+__all__ = [
+    "AUG_SETS", "AugmentPipe", "PRESETS", "TrainConfig", "make_config", "TRSchedule", "consistency_forward",
+    "consistency_sample", "ect_loss", "edm_heun_sample", "sample_1step", "sample_2step", "sample_t_r",
+    "build_feature_net", "freeze", "MFD", "direction_surrogate", "distance_direction", "mfd", "pseudo_huber",
+    "EDMPrecond", "build_network", "load_edm_checkpoint", "load_run_model", "train",
+]
