@@ -124,8 +124,12 @@ def test_killed_run_resumes(tmp_path, diffusion_run):
     _assert_same_state(_weights(run_dir), _weights(tmp_path / "straight"))
 
 
-def test_torchrun_two_processes_gloo(tmp_path):
-    args = ["name=ddp", f"run_root={tmp_path}", "stage=diffusion", "iters=4", "ckpt_every=2",
+@pytest.mark.parametrize("stage,extra", [("diffusion", []),
+                                         ("consistency", ["ct.mode=ect", "batch_per_device=2"])])
+def test_torchrun_two_processes_gloo(tmp_path, stage, extra):
+    """2 processes (gloo): the run completes and both replicas hold identical weights; the consistency
+    case also covers the shared-dropout step under DDP and gradient accumulation (no_sync)."""
+    args = ["name=ddp", f"run_root={tmp_path}", f"stage={stage}", "iters=4", "ckpt_every=2", *extra,
             *[f"{k}={v}" for k, v in TINY.items() if k not in ("ckpt_every",)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -136,6 +140,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert res["ddp"]["world_size"] == 2
     assert res["ddp"]["max_param_diff_across_ranks"] == 0.0
     assert "2 process(es)" in out.stdout
+    if extra:
+        assert "batch 8 = 2 x 2 x 2" in out.stdout
 
 
 def test_batch_indices_cover_epochs():
