@@ -85,6 +85,12 @@ def vgg_config(cfg: Cfg, resolution: int, widths: Optional[Sequence[int]] = None
     return cfg
 
 
+
+def _check_images(x: Tensor, channels: int, resolution: int) -> None:
+    """Raise a clear error unless x is [N, channels, resolution, resolution]."""
+    if x.ndim != 4 or x.shape[1] != channels or x.shape[2:] != (resolution, resolution):
+        raise ValueError(f"expected [N, {channels}, {resolution}, {resolution}] inputs, got {tuple(x.shape)}")
+
 class VGGBlock(nn.Module):
     """3x3 conv (stride 1, or 2 for strided downsampling) -> BatchNorm (or identity) -> ReLU."""
 
@@ -155,9 +161,7 @@ class VGG(nn.Module):
         self.layers["classifier"] = nn.Linear(ch, num_outputs)
 
     def _check(self, x: Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2:] != (self.resolution, self.resolution):
-            raise ValueError(f"expected [N, {self.in_channels}, {self.resolution}, {self.resolution}] "
-                             f"inputs, got {tuple(x.shape)}")
+        _check_images(x, self.in_channels, self.resolution)
 
     def features(self, x: Tensor) -> list[Tensor]:
         """Stage outputs and the head ([N, L, 1, 1]) for x [N, C, R, R]."""
@@ -231,9 +235,7 @@ class ResNet18(nn.Module):
         self.linear = nn.Linear(in_planes, num_outputs)
 
     def _check(self, x: Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2:] != (self.resolution, self.resolution):
-            raise ValueError(f"expected [N, {self.in_channels}, {self.resolution}, {self.resolution}] "
-                             f"inputs, got {tuple(x.shape)}")
+        _check_images(x, self.in_channels, self.resolution)
 
     def features(self, x: Tensor) -> list[Tensor]:
         """Stage outputs and the head ([N, L, 1, 1]) for x [N, C, R, R]."""
@@ -295,6 +297,18 @@ class MLPFeatures(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Registry and helpers.
 
+def _mlp(dim: Optional[int] = None, resolution: int = 1, in_channels: Optional[int] = None, **kw) -> MLPFeatures:
+    """'mlp' from the image-style keywords of the training loop: dim = in_channels * resolution^2."""
+    if in_channels is not None:
+        flat = int(in_channels) * int(resolution) ** 2
+        if dim is not None and dim != flat:
+            raise ValueError(f"mlp: dim={dim} disagrees with in_channels * resolution^2 = {flat}")
+        dim = flat
+    if dim is None:
+        raise ValueError("build_feature_net('mlp', ...) needs dim=D or in_channels=C (and resolution)")
+    return MLPFeatures(dim=dim, **kw)
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "vgg11": lambda **kw: VGG(depth=11, **kw),
     "vgg13": lambda **kw: VGG(depth=13, **kw),
@@ -303,7 +317,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "vgg16-stride": lambda **kw: VGG(depth=16, downsample="stride", **kw),
     "resnet18": lambda **kw: ResNet18(**kw),
     "mini-vgg": lambda **kw: VGG(cfg=MINI_VGG_CONFIG, **kw),
-    "mlp": lambda **kw: MLPFeatures(**kw),
+    "mlp": _mlp,
 }
 FEATURE_NETS: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -311,7 +325,8 @@ FEATURE_NETS: tuple[str, ...] = tuple(_REGISTRY)
 def build_feature_net(name: str, **kw) -> nn.Module:
     """Build a feature network by registry name (FEATURE_NETS) with constructor keywords.
 
-    e.g. build_feature_net('vgg16', resolution=32, num_outputs=15); 'mlp' needs dim=D.
+    e.g. build_feature_net('vgg16', resolution=32, num_outputs=15); 'mlp' needs dim=D, or in_channels=C
+    and resolution=R (D = C R^2, the keywords the training loop passes).
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown feature network {name!r}; expected one of {list(FEATURE_NETS)}")
