@@ -341,6 +341,7 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ck.write_json_atomic(to_dict(cfg), run_dir / "config.json")
+        truncate_metrics(run_dir / "metrics.jsonl", start_it)
     _log(d, f"[ayt] run {run_dir} | stage {cfg.stage} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params"
             f" | {d.world} process(es) on {d.device} | batch {cfg.batch} = {d.world} x {accum} x {micro} | {init_note}")
 
@@ -443,6 +444,18 @@ def replica_divergence(model: torch.nn.Module, d: Dist) -> dict:
     diff = (flat - ref).abs().max().reshape(1)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return {"world_size": d.world, "max_param_diff_across_ranks": float(diff.item())}
+
+
+def truncate_metrics(path: Path, last_it: int) -> None:
+    """Drop log records past the checkpoint a run resumes from (they are logged again)."""
+    if not path.exists():
+        return
+    lines = [l for l in path.read_text().splitlines() if l.strip()]
+    keep = [l for l in lines if json.loads(l).get("iteration", 0) <= last_it]
+    if len(keep) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        os.replace(tmp, path)
 
 
 def _copy_module(m: torch.nn.Module) -> torch.nn.Module:

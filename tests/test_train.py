@@ -94,6 +94,7 @@ def test_resume_is_bitwise_exact(tmp_path, feature_run, diffusion_run):
     assert [it for it, _ in ck.list_checkpoints(tmp_path / "b" / half.name)] == [3]
     resumed = train(half, resume=True)
     _assert_same_state(_weights(straight), _weights(resumed))
+    assert [r["iteration"] for r in read_metrics(resumed)] == [r["iteration"] for r in read_metrics(straight)]
 
 
 def test_killed_run_resumes(tmp_path, diffusion_run):
@@ -107,6 +108,7 @@ def test_killed_run_resumes(tmp_path, diffusion_run):
     deadline = time.time() + 120
     while time.time() < deadline and len(ck.list_checkpoints(run_dir)) < 2:
         time.sleep(0.05)
+    time.sleep(0.3)  # let it log past the checkpoint: those records must not be duplicated after resume
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = ck.list_checkpoints(run_dir)[-1][0]
@@ -122,6 +124,8 @@ def test_killed_run_resumes(tmp_path, diffusion_run):
                           capture_output=True, text=True, timeout=300)
     assert out2.returncode == 0, out2.stderr
     _assert_same_state(_weights(run_dir), _weights(tmp_path / "straight"))
+    its = [r["iteration"] for r in read_metrics(run_dir)]
+    assert its == list(range(1, 41))
 
 
 @pytest.mark.parametrize("stage,extra", [("diffusion", []),
