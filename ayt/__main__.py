@@ -1,4 +1,4 @@
-"""Command line: python -m ayt {train,sample,demo,presets} ...   (see README)."""
+"""Command line: python -m ayt {train,sample,eval,demo,study,notebook,presets} ...   (see README)."""
 from __future__ import annotations
 
 import argparse
@@ -77,6 +77,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["study"]:
         from .study import main as study_main
         return study_main(argv[1:])
+    if argv[:1] == ["notebook"]:
+        from .notebook import main as notebook_main
+        return notebook_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m ayt", description="Align Your Tangent: training and sampling.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_presets_text())
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -123,6 +126,8 @@ def main(argv=None) -> int:
     e.set_defaults(fn=cmd_eval)
 
     sub.add_parser("study", help="the mini study: AYT vs ECT on the shapes data, on CPU (see --help)", add_help=False)
+    sub.add_parser("notebook", help="execute a notebook headless with papermill: NOTEBOOK [-p NAME VALUE ...] "
+                   "(see --help)", add_help=False)
 
     pr = sub.add_parser("presets", help="list presets and their settings")
     pr.set_defaults(fn=lambda a: print(_presets_text()) or 0)

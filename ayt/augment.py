@@ -107,7 +107,10 @@ _SET_GROUPS: dict[str, tuple[str, ...]] = {
 AUG_SET_TRANSFORMS: dict[str, list[str]] = {
     name: [t for t in TRANSFORMS if any(t in GROUPS[g] for g in groups)] for name, groups in _SET_GROUPS.items()
 }
-# Label names of each named augmentation set: 3, 7, 10, 12 and 15 labels.
+# Vector data ([N, D, 1, 1], e.g. the 2-D disk of the tangent study): the additive transforms only
+# (mixup, noise), which need no spatial structure or colour channels.
+AUG_SET_TRANSFORMS["vec"] = ["mixup", "noise"]
+# Label names of each named augmentation set: 3, 7, 10, 12 and 15 labels ('vec': 2).
 AUG_SETS: dict[str, list[str]] = {
     name: [label for t in ts for label in TRANSFORM_LABELS[t]] for name, ts in AUG_SET_TRANSFORMS.items()
 }

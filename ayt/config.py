@@ -70,7 +70,7 @@ class DiffusionConfig:
 class FeatureConfig:
     """Manifold feature-network training (METHOD.md section 3)."""
     arch: str = "vgg16"              # ayt.features registry name
-    aug_set: str = "geo_clr_deg"     # deg | geo | geo_deg | geo_clr | geo_clr_deg
+    aug_set: str = "geo_clr_deg"     # deg | geo | geo_deg | geo_clr | geo_clr_deg | vec (vector data)
     p: float = 0.15                  # per-transform probability after the ramp
     p_ramp_iters: int = 50000        # linear ramp of p from 0
     eval_images: int = 2048          # held-out images for the final per-label R^2
@@ -128,6 +128,17 @@ _SHAPES = {"data.name": "shapes", "data.resolution": 16, "data.num_images": 5000
 _MINI_CT = {**_SHAPES, "stage": "consistency", "net.init": "runs/mini-diffusion", "batch": 16, "iters": 2000,
             "optim.lr": 5e-4, "ema_decay": 0.999, "log_every": 25, "ckpt_every": 250, "sample_every": 500,
             "ct.feature_net": "runs/mini-feature-net", "ct.feature_arch": "mini-vgg"}
+# The 2-D disk in R^16 (tangent study, ayt.analysis.disk_study): points as [N, 16, 1, 1] images, MLP nets.
+_DISK = {"data.name": "disk", "data.resolution": 1, "data.num_images": 10000, "net.arch": "mlp-disk",
+         "device": None, "sample_every": 0}
+# Consistency tuning on the disk uses official ECT's progressive schedule (q = 2, the gap halves every
+# 2,500 iterations; stage 7, the last, has the AYT reference gap q^-1 = 1/256): measured on this MLP,
+# the fixed q = 256 schedule left the 1-step model collapsed at the disk's centre after 2,000
+# iterations and became unstable by 7,500, while this schedule reaches the data's radius by 20,000.
+_DISK_CT = {**_DISK, "stage": "consistency", "net.init": "runs/disk-diffusion", "batch": 64, "iters": 20000,
+            "ct.q": 2.0, "ct.double_every": 2500, "optim.lr": 1e-3, "ema_decay": 0.999, "log_every": 500,
+            "ckpt_every": 500, "ct.feature_net": "runs/disk-feature-net", "ct.feature_arch": "mlp",
+            "ct.feature_outputs": 2}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Paper scale: CIFAR-10 32x32 unconditional.
@@ -139,6 +150,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cifar10-ayt": {**_CIFAR, "stage": "consistency", "ct.mode": "mfd",
                     "net.init": "edm-cifar10-32x32-uncond-vp.pkl", "ct.feature_net": "runs/cifar10-feature-net",
                     "batch": 128, "iters": 400000},
+    # Baseline: the same direction-only update with LPIPS(VGG) as the distance (needs `pip install lpips`).
+    "cifar10-lpips": {**_CIFAR, "stage": "consistency", "ct.mode": "lpips",
+                      "net.init": "edm-cifar10-32x32-uncond-vp.pkl", "batch": 128, "iters": 400000},
     "cifar10-feature-net": {"stage": "feature", "data.name": "cifar10", "data.resolution": 32,
                             "feature.arch": "vgg16", "batch": 512, "iters": 400000, "ema_decay": 0.0},
     # Paper-scale counterparts on ImageNet 64x64 (class-conditional, ADM network from EDM's checkpoint).
@@ -173,6 +187,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "net.init": "runs/demo-diffusion", "ct.feature_net": "runs/demo-feature-net",
                  "ct.feature_arch": "mini-vgg", "batch": 16, "iters": 200, "optim.lr": 5e-4, "ema_decay": 0.99,
                  "log_every": 25, "ckpt_every": 100, "sample_every": 200},
+    # The paper's synthetic tangent study: a flat 2-D disk in R^16 (CPU minutes). Feature net on the
+    # additive augmentations ('vec': mixup, noise), EDM pretraining, then ECT and AYT from it, keeping
+    # every checkpoint (every 500 iterations) for the oscillation measure of ayt.analysis.
+    "disk-feature-net": {**_DISK, "stage": "feature", "feature.arch": "mlp", "feature.aug_set": "vec",
+                         "feature.p": 0.5, "feature.p_ramp_iters": 200, "feature.eval_images": 2048,
+                         "optim.lr": 1e-3, "batch": 256, "iters": 2000, "ema_decay": 0.0, "log_every": 100,
+                         "ckpt_every": 500},
+    "disk-diffusion": {**_DISK, "stage": "diffusion", "optim.name": "adam", "optim.lr": 1e-3,
+                       "optim.warmup_iters": 100, "batch": 256, "iters": 3000, "ema_decay": 0.999,
+                       "log_every": 100, "ckpt_every": 500},
+    "disk-ect": {**_DISK_CT, "ct.mode": "ect"},
+    "disk-ayt": {**_DISK_CT, "ct.mode": "mfd"},
 }
 
 
@@ -281,8 +307,11 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.ct.c_mult >= 0, "ct.c_mult must be >= 0")
     need(cfg.ct.double_every is None or cfg.ct.double_every > 0, "ct.double_every must be > 0 or None")
     need(0 <= cfg.feature.p <= 1, "feature.p must be in [0, 1]")
-    need(cfg.data.resolution >= 4 and cfg.data.resolution & (cfg.data.resolution - 1) == 0,
-         f"data.resolution={cfg.data.resolution} must be a power of two >= 4")
+    if cfg.data.name == "disk":  # vector data as [N, D, 1, 1] images
+        need(cfg.data.resolution == 1, f"data.resolution={cfg.data.resolution}: the disk data has resolution 1")
+    else:
+        need(cfg.data.resolution >= 4 and cfg.data.resolution & (cfg.data.resolution - 1) == 0,
+             f"data.resolution={cfg.data.resolution} must be a power of two >= 4")
     for k in ("log_every", "ckpt_every", "sample_every", "eval_every"):
         need(getattr(cfg, k) >= 0, f"{k} must be >= 0")
     need(cfg.log_every > 0 and cfg.ckpt_every > 0, "log_every and ckpt_every must be > 0")

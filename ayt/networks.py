@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "weight_init", "Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding", "FourierEmbedding",
-    "SongUNet", "DhariwalUNet", "EDMPrecond", "edm_precond_coefficients", "MODEL_TYPES", "NETWORK_CONFIGS",
+    "SongUNet", "DhariwalUNet", "MLP", "EDMPrecond", "edm_precond_coefficients", "MODEL_TYPES", "NETWORK_CONFIGS",
     "build_network", "count_parameters", "EDMCheckpoint", "LoadReport", "CheckpointError",
     "UnsafeCheckpointError", "load_edm_checkpoint", "load_into",
 ]
@@ -492,7 +492,65 @@ class DhariwalUNet(nn.Module):
         return self.out_conv(F.silu(self.out_norm(x)))
 
 
-MODEL_TYPES: dict[str, type] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+# ----------------------------------------------------------------------------------------------
+# MLP denoiser for vector data (the 2-D disk in R^D of the tangent study; ayt.analysis)
+
+class MLP(nn.Module):
+    """Fully connected denoiser F for vector data viewed as images [N, D, 1, 1] (img_resolution=1,
+    img_channels=D), with the same forward signature as SongUNet, for use inside EDMPrecond.
+
+    forward(x [N, in_channels, R, R], noise_labels [N], class_labels [N or 1, L] or None,
+    augment_labels [N, augment_dim] or None) -> [N, out_channels, R, R] (R = img_resolution, any size:
+    the input is flattened). The noise label c_noise enters as in DDPM++: a positional embedding
+    (endpoint=True) through map_layer0/map_layer1 (SiLU) to emb [N, E]; every hidden layer is
+    h <- SiLU(layer_i(h) + affine_i(emb)), followed by dropout; the output layer starts near zero
+    (init_weight 1e-5, as SongUNet's last conv), so EDMPrecond starts at D(x) ~ c_skip x.
+    E = model_channels * channel_mult_emb; hidden width = model_channels.
+    """
+
+    def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
+                 augment_dim: int = 0, model_channels: int = 256, num_layers: int = 4, channel_mult_emb: int = 1,
+                 channel_mult_noise: int = 1, dropout: float = 0.0, label_dropout: float = 0):
+        super().__init__()
+        if num_layers < 1 or model_channels < 2:
+            raise ValueError(f"MLP needs num_layers >= 1 and model_channels >= 2, got {num_layers}, {model_channels}")
+        self.label_dropout = label_dropout
+        self.dropout = dropout
+        in_features = in_channels * img_resolution * img_resolution
+        out_features = out_channels * img_resolution * img_resolution
+        emb_channels = model_channels * channel_mult_emb
+        noise_channels = model_channels * channel_mult_noise
+        init = dict(init_mode="xavier_uniform")
+        self.out_shape = (out_channels, img_resolution, img_resolution)
+        self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True)
+        self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
+        self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
+        self.map_layer0 = Linear(noise_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+        self.input = Linear(in_features, model_channels, **init)
+        self.layers = nn.ModuleList(Linear(model_channels, model_channels, **init) for _ in range(num_layers))
+        self.affine = nn.ModuleList(Linear(emb_channels, model_channels, **init) for _ in range(num_layers))
+        self.output = Linear(model_channels, out_features, init_mode="xavier_uniform", init_weight=1e-5)
+
+    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Optional[Tensor],
+                augment_labels: Optional[Tensor] = None) -> Tensor:
+        emb = self.map_noise(noise_labels)
+        if self.map_label is not None:
+            tmp = class_labels
+            if self.training and self.label_dropout:
+                tmp = tmp * (torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout).to(tmp.dtype)
+            emb = emb + self.map_label(tmp * math.sqrt(self.map_label.in_features))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))    # [N, E]
+        h = self.input(x.flatten(1))                                   # [N, model_channels]
+        for layer, affine in zip(self.layers, self.affine):
+            h = F.silu(layer(F.silu(h)) + affine(emb))
+            h = F.dropout(h, p=self.dropout, training=self.training)
+        return self.output(h).reshape(x.shape[0], *self.out_shape)
+
+
+MODEL_TYPES: dict[str, type] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet, "MLP": MLP}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -615,6 +673,8 @@ NETWORK_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": dict(model_type="SongUNet", model_channels=16, channel_mult=[1, 2], channel_mult_emb=2,
                  num_blocks=1, attn_resolutions=[], dropout=0.1, embedding_type="positional",
                  channel_mult_noise=1, encoder_type="standard", decoder_type="standard", resample_filter=[1, 1]),
+    # MLP denoiser for the 2-D disk in R^D (vector data as [N, D, 1, 1]; img_resolution=1, img_channels=D).
+    "mlp-disk": dict(model_type="MLP", model_channels=256, num_layers=4, channel_mult_emb=1, dropout=0.0),
 }
 
 

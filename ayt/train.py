@@ -10,6 +10,8 @@ it also stores the RNG states and the data position for inspection.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import datetime
 import json
@@ -213,8 +215,8 @@ def load_feature_net(path: str, arch: str, resolution: int, in_channels: int, nu
     return freeze(phi)
 
 
-def build_objective(cfg: TrainConfig, img_channels: int, device: torch.device):
-    """(model, objective, extra checkpoint fields) for the run's stage."""
+def build_stage(cfg: TrainConfig, img_channels: int, label_dim: int, device: torch.device):
+    """(model, objective, extra checkpoint fields, init note) for the run's stage."""
     if cfg.stage == "feature":
         from .augment import AUG_SETS, AugmentPipe
         from .features import build_feature_net
@@ -224,8 +226,27 @@ def build_objective(cfg: TrainConfig, img_channels: int, device: torch.device):
         model = build_feature_net(cfg.feature.arch, resolution=cfg.data.resolution, in_channels=img_channels,
                                   num_outputs=L)
         pipe = AugmentPipe(cfg.feature.aug_set, p=cfg.feature.p)
-        return model, FeatureObjective(pipe, cfg.feature.p, cfg.feature.p_ramp_iters), {"num_outputs": L}
-    return None
+        objective = FeatureObjective(pipe, cfg.feature.p, cfg.feature.p_ramp_iters)
+        return model, objective, {"num_outputs": L}, "random init (feature network)"
+    model = build_diffusion_net(cfg, img_channels, label_dim)
+    note = load_init_weights(model, cfg.net.init) if cfg.net.init else "random init"
+    if cfg.stage == "diffusion":
+        dcfg = cfg.diffusion
+        return model, DiffusionObjective(C.EDMLossConfig(dcfg.P_mean, dcfg.P_std, dcfg.sigma_data)), {}, note
+    if not cfg.net.init:
+        note += " (warning: consistency tuning normally starts from a pretrained diffusion model, net.init)"
+    ct = cfg.ct
+    distance = None
+    if ct.mode in ("mfd", "ect+mfd"):
+        from .losses import MFD
+        phi = load_feature_net(ct.feature_net, ct.feature_arch, cfg.data.resolution, img_channels, ct.feature_outputs)
+        distance = MFD(phi, eps=ct.mfd_eps).to(device)
+    elif ct.mode in ("lpips", "ect+lpips"):
+        from .losses import LPIPSDistance
+        distance = LPIPSDistance().to(device)
+    schedule = C.TRSchedule(ct.P_mean, ct.P_std, ct.q, ct.k, ct.b, ct.mapping, ct.stage, ct.double_every)
+    objective = ConsistencyObjective(schedule, ct.mode, ct.c_mult, ct.weighting, distance, ct.lam, ct.lam_ramp_iters)
+    return model, objective, {}, note
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -293,37 +314,10 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
     micro, accum = micro_batching(cfg, d.world)
 
     # Model and objective
-    extra: dict = {"img_channels": img_channels, "label_dim": label_dim}
-    if cfg.stage == "feature":
-        model, objective, feat_extra = build_objective(cfg, img_channels, d.device)
-        extra.update(feat_extra)
-        init_note = "random init (feature network)"
-    else:
-        model = build_diffusion_net(cfg, img_channels, label_dim)
-        init_note = "random init"
-        if cfg.net.init:
-            init_note = load_init_weights(model, cfg.net.init)
-        elif cfg.stage == "consistency":
-            _log(d, "warning: consistency tuning without net.init starts from random weights")
-        if cfg.stage == "diffusion":
-            objective = DiffusionObjective(C.EDMLossConfig(cfg.diffusion.P_mean, cfg.diffusion.P_std,
-                                                           cfg.diffusion.sigma_data))
-        else:
-            ct = cfg.ct
-            distance = None
-            if ct.mode in ("mfd", "ect+mfd"):
-                from .losses import MFD
-                phi = load_feature_net(ct.feature_net, ct.feature_arch, cfg.data.resolution, img_channels,
-                                       ct.feature_outputs)
-                distance = MFD(phi, eps=ct.mfd_eps).to(d.device)
-            elif ct.mode in ("lpips", "ect+lpips"):
-                from .losses import LPIPSDistance
-                distance = LPIPSDistance().to(d.device)
-            schedule = C.TRSchedule(ct.P_mean, ct.P_std, ct.q, ct.k, ct.b, ct.mapping, ct.stage, ct.double_every)
-            objective = ConsistencyObjective(schedule, ct.mode, ct.c_mult, ct.weighting, distance, ct.lam,
-                                             ct.lam_ramp_iters)
+    model, objective, extra, init_note = build_stage(cfg, img_channels, label_dim, d.device)
+    extra.update(img_channels=img_channels, label_dim=label_dim)
     model = model.to(d.device).train()
-    ema = _copy_module(model).eval().requires_grad_(False)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = make_optimizer(cfg, model.parameters())
     start_it = 0
 
@@ -386,7 +380,7 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
             torch.manual_seed(step_seed)  # dropout masks of this micro-step
             gen = torch.Generator(d.device).manual_seed(step_seed + 1)
             sync = m == accum - 1 or d.world == 1
-            ctx = ddp_model.no_sync() if not sync else _nullcontext()
+            ctx = ddp_model.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with autocast:
                     loss, stats = objective(ddp_model, x_0, labels, it, gen, teacher=model)
@@ -456,19 +450,6 @@ def truncate_metrics(path: Path, last_it: int) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(l + "\n" for l in keep))
         os.replace(tmp, path)
-
-
-def _copy_module(m: torch.nn.Module) -> torch.nn.Module:
-    import copy
-    return copy.deepcopy(m)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _reduce_mean(stats: dict[str, torch.Tensor], d: Dist) -> dict[str, float]:

@@ -31,7 +31,7 @@ def test_label_names_and_sets():
                            "translate_y", "brightness", "contrast", "hue_cos", "hue_sin", "saturation",
                            "blur", "mixup", "noise")
     assert {k: len(v) for k, v in AUG_SETS.items()} == {"deg": 3, "geo": 7, "geo_deg": 10, "geo_clr": 12,
-                                                        "geo_clr_deg": 15}
+                                                        "geo_clr_deg": 15, "vec": 2}
     assert AUG_SETS["deg"] == ["blur", "mixup", "noise"]
     assert AUG_SETS["geo"] == list(LABEL_NAMES[:7])
     assert AUG_SETS["geo_deg"] == list(LABEL_NAMES[:7]) + ["blur", "mixup", "noise"]
