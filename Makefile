@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 #   make test TORCH_SPEC="torch torchvision"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test mini-study paper-figures clean
+.PHONY: setup demo test mini-study figures paper clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,26 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The CPU mini study (about an hour on 2 cores), then every figure from its run directories.
+mini-study: setup
+	$(PY) -m ayt study --run-root runs
+	$(MAKE) figures
+
+figures: setup
+	$(PY) -m ayt notebook notebooks/01_feature_network.ipynb -p feature_net runs/mini-feature-net
+	$(PY) -m ayt notebook notebooks/04_tangent_oscillation.ipynb -p study_root runs
+	$(PY) -m ayt notebook notebooks/05_paper_figures.ipynb
+
+# Paper scale (GPUs; set NPROC). Needs CIFAR-10 (data.download=true) and EDM's checkpoint (downloaded once).
+NPROC ?= 8
+TORCHRUN := $(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC)
+paper: setup
+	$(TORCHRUN) -m ayt train --preset cifar10-feature-net data.download=true --resume
+	$(TORCHRUN) -m ayt train --preset cifar10-ect --resume
+	$(TORCHRUN) -m ayt train --preset cifar10-ayt --resume
+	$(TORCHRUN) -m ayt eval runs/cifar10-ect runs/cifar10-ayt --checkpoints all --n 50000 --runs 3
+	$(PY) -m ayt notebook notebooks/05_paper_figures.ipynb
 
 clean:
 	rm -rf $(VENV) runs

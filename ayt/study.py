@@ -132,6 +132,19 @@ def iterations_to_reach(curve: dict[int, float], target: float) -> Optional[floa
     return None
 
 
+def chosen_runs(root: Path) -> dict[str, Path]:
+    """The seed-0, batch-16 runs of each method at its chosen (best-swept) learning rate."""
+    scores = {}
+    for run in root.glob("mini-*-lr*-bs16-s0"):
+        method = run.name.split("-")[1]
+        try:
+            score = final_score(run)
+        except (KeyError, FileNotFoundError):
+            continue
+        scores.setdefault(method, []).append((score, run))
+    return {m: min(v, key=lambda x: x[0])[1] for m, v in sorted(scores.items())}
+
+
 def summarize(root: Path) -> dict:
     """The study's numbers from its run directories."""
     runs = sorted(p for p in root.glob("mini-e*-lr*") if (p / "results.json").exists()) + \
@@ -179,6 +192,7 @@ def summarize(root: Path) -> dict:
             speed.append({"ect": name, "ayt": t, "ect_final": ect_final, "ayt_iters_to_reach": reach,
                           "speedup": (EVAL_ITERS[-1] / reach) if reach else None})
     out["speedup"] = speed
+    out["chosen"] = {m: p.name for m, p in chosen_runs(root).items()}
     return out
 
 
