@@ -166,24 +166,27 @@ def summarize(root: Path) -> dict:
             by_lr.setdefault(parts[2][2:], []).append(root / name)
         return by_lr
 
-    for method in ("ect", "ayt"):
-        for batch in (16, 64):
-            for lr, members in group(method, batch).items():
-                for sampler in ("1step", "2step"):
-                    last = BIG_BATCH_ITERS if batch >= BIG_BATCH else EVAL_ITERS[-1]
-                    finals = [table[m.name][sampler].get(last) for m in members]
-                    finals = [f for f in finals if f is not None]
-                    if finals:
-                        out["groups"][f"{method}-bs{batch}-lr{lr}-{sampler}"] = {
-                            "iteration": last, "seeds": len(finals), "mean": float(np.mean(finals)), "min": float(np.min(finals)),
-                            "max": float(np.max(finals)), "runs": [m.name for m in members]}
-    # headline: iterations AYT needs to reach ECT's final value (bs16, chosen lrs, per seed)
+    variants = [("ect", 16, False), ("ect", 64, False), ("ayt", 16, False), ("ayt", 64, False), ("ayt", 16, True)]
+    for method, batch, rand in variants:  # rand: the control with an untrained feature net
+        for lr, members in group(method, batch, rand).items():
+            for sampler in ("1step", "2step"):
+                last = BIG_BATCH_ITERS if batch >= BIG_BATCH else EVAL_ITERS[-1]
+                finals = [table[m.name][sampler].get(last) for m in members]
+                finals = [f for f in finals if f is not None]
+                if finals:
+                    tag = "-randfeat" if rand else ""
+                    out["groups"][f"{method}{tag}-bs{batch}-lr{lr}-{sampler}"] = {
+                        "iteration": last, "seeds": len(finals), "mean": float(np.mean(finals)), "min": float(np.min(finals)),
+                        "max": float(np.max(finals)), "runs": [m.name for m in members]}
+    # headline: iterations AYT needs to reach ECT's final value (bs16, each method at its chosen lr, per seed)
+    chosen = chosen_runs(root)
+    lr_of = {m: p.name.split("-")[2] for m, p in chosen.items()}
     speed = []
     for name, curves in table.items():
-        if not name.startswith("mini-ect-") or "bs16" not in name:
+        if "ect" not in lr_of or "ayt" not in lr_of or not name.startswith(f"mini-ect-{lr_of['ect']}-bs16-"):
             continue
         seed = name.split("-")[-1]
-        twin = [n for n in table if n.startswith("mini-ayt-") and "bs16" in n and n.endswith(seed)]
+        twin = [n for n in table if n == f"mini-ayt-{lr_of['ayt']}-bs16-{seed}"]
         for t in twin:
             ect_final = curves["1step"].get(EVAL_ITERS[-1])
             if ect_final is None:
@@ -192,7 +195,7 @@ def summarize(root: Path) -> dict:
             speed.append({"ect": name, "ayt": t, "ect_final": ect_final, "ayt_iters_to_reach": reach,
                           "speedup": (EVAL_ITERS[-1] / reach) if reach else None})
     out["speedup"] = speed
-    out["chosen"] = {m: p.name for m, p in chosen_runs(root).items()}
+    out["chosen"] = {m: p.name for m, p in chosen.items()}
     return out
 
 
