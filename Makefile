@@ -33,6 +33,7 @@ figures: setup
 	$(PY) -m ayt notebook notebooks/01_feature_network.ipynb -p feature_net runs/mini-feature-net
 	$(PY) -m ayt notebook notebooks/04_tangent_oscillation.ipynb -p study_root runs
 	$(PY) -m ayt notebook notebooks/05_paper_figures.ipynb
+	$(PY) -m ayt study --run-root runs --sample-figures figures
 
 # Paper scale (GPUs; set NPROC). Needs CIFAR-10 (data.download=true) and EDM's checkpoint (downloaded once).
 NPROC ?= 8

@@ -199,14 +199,38 @@ def summarize(root: Path) -> dict:
     return out
 
 
+def sample_figures(root: Path, figures_dir: Path, n: int = 64, seed: int = 0) -> list[Path]:
+    """1- and 2-step sample grids of the chosen ECT and AYT runs (same noise for both)."""
+    import torch
+    import torchvision
+    from .sampling import generate
+    from .train import load_run_model
+    out = []
+    for method, run in chosen_runs(root).items():
+        net, cfg, state = load_run_model(run)
+        for steps in (1, 2):
+            x = generate(net, cfg.stage, n, state["img_channels"], cfg.data.resolution, state["label_dim"], seed,
+                         torch.device("cpu"), steps=steps)
+            path = Path(figures_dir) / f"samples_mini_{method}_{steps}step.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torchvision.utils.save_image((x + 1) / 2, str(path), nrow=8)
+            out.append(path)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ayt study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-root", default="runs")
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")
     ap.add_argument("--summarize", action="store_true", help="only recompute mini-study.json from the runs")
+    ap.add_argument("--sample-figures", metavar="DIR", help="only write sample grids of the chosen runs to DIR")
     args = ap.parse_args(argv)
     root = Path(args.run_root)
+    if args.sample_figures:
+        for p in sample_figures(root, Path(args.sample_figures)):
+            print("wrote", p)
+        return 0
     summary = summarize(root) if args.summarize else run_study(root, args.workers)
     if args.summarize:
         (root / "mini-study.json").write_text(json.dumps(summary, indent=2) + "\n")
