@@ -56,17 +56,22 @@ def normalize_per_sample(g: torch.Tensor, min_norm: float = 1e-5) -> torch.Tenso
     return g / norm.view(-1, *([1] * (g.ndim - 1)))
 
 
-def distance_direction(distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                       D: torch.Tensor, D_r: torch.Tensor) -> torch.Tensor:
-    """Unit-norm direction g [N, C, H, W] of d/dD mean_b distance(D_b, D_r_b), at a detached copy of D.
-
-    Only one backward, to the input: the distance network's parameters must not require grad.
-    """
+def distance_and_direction(distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                           D: torch.Tensor, D_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distance(D, D_r) [N] detached, unit-norm direction g [N, C, H, W] of d/dD mean_b distance(D_b, D_r_b)),
+    both at a detached copy of D, from one forward and one backward to the input (the distance
+    network's parameters must not require grad)."""
     with torch.enable_grad():
         D_in = D.detach().requires_grad_(True)
-        loss = distance(D_in, D_r.detach()).mean()
-        (G,) = torch.autograd.grad(loss, D_in)
-    return normalize_per_sample(G)
+        d = distance(D_in, D_r.detach())
+        (G,) = torch.autograd.grad(d.mean(), D_in)
+    return d.detach(), normalize_per_sample(G)
+
+
+def distance_direction(distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                       D: torch.Tensor, D_r: torch.Tensor) -> torch.Tensor:
+    """Unit-norm direction g [N, C, H, W] of d/dD mean_b distance(D_b, D_r_b), at a detached copy of D."""
+    return distance_and_direction(distance, D, D_r)[1]
 
 
 def direction_surrogate(D: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from . import consistency as C
-from .losses import direction_surrogate, distance_direction, ect_mfd_ramp
+from .losses import direction_surrogate, distance_and_direction, ect_mfd_ramp
 
 
 class DiffusionObjective:
@@ -52,10 +52,10 @@ class ConsistencyObjective:
         stats = {"loss_ect": ect.detach().mean()}
         if self.mode == "ect":
             return ect, stats
-        g = distance_direction(self.distance, out.D_t.float(), out.D_r.float())  # [N, C, H, W], unit norm
+        # d [N] (logged) and the unit-norm direction g [N, C, H, W] from one forward/backward of phi
+        d, g = distance_and_direction(self.distance, out.D_t.float(), out.D_r.float())
         surrogate = direction_surrogate(out.D_t, g.to(out.D_t.dtype), out.w)  # [N]
-        with torch.no_grad():
-            stats["distance"] = self.distance(out.D_t.detach().float(), out.D_r.float()).mean()
+        stats["distance"] = d.mean()
         if self.mode in ("mfd", "lpips"):
             return surrogate, stats
         return ect + self.lam * ect_mfd_ramp(it, self.lam_ramp_iters) * surrogate, stats

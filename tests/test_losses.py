@@ -117,3 +117,11 @@ def test_lpips_missing_package_gives_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match=r"ayt\[lpips\]"):
         L.LPIPSDistance()
+
+
+def test_distance_and_direction_returns_the_distance(phi):
+    g = torch.Generator().manual_seed(4)
+    D, D_r = torch.randn(3, 3, 8, 8, generator=g), torch.randn(3, 3, 8, 8, generator=g)
+    d, direction = L.distance_and_direction(L.MFD(phi), D, D_r)
+    assert torch.allclose(d, L.mfd(phi, D, D_r)) and not d.requires_grad
+    assert torch.equal(direction, L.distance_direction(L.MFD(phi), D, D_r))
