@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -84,13 +85,19 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch [num_items] (cached: a batch may span two epochs). Do not modify."""
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(derive_seed(seed, 0xDA7A, epoch)))
+
+
 def batch_indices(num_items: int, global_batch: int, it: int, seed: int) -> torch.Tensor:
     """Dataset indices of iteration `it` [global_batch]: consecutive slices of per-epoch permutations."""
     start = it * global_batch
     out, pos = [], start
     while pos < start + global_batch:
         epoch, offset = divmod(pos, num_items)
-        perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(derive_seed(seed, 0xDA7A, epoch)))
+        perm = epoch_permutation(num_items, seed, epoch)
         take = min(num_items - offset, start + global_batch - pos)
         out.append(perm[offset:offset + take])
         pos += take
