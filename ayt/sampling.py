@@ -30,9 +30,9 @@ def generate_batch(net: Callable, stage: str, n: int, img_channels: int, resolut
     if stage == "diffusion":
         x = C.edm_heun_sample(net, noise, class_labels=labels)
     elif steps == 1:
-        x = C.consistency_sample(net, noise, (C.SIGMA_MAX,), class_labels=labels)
+        x = C.sample_1step(net, noise, labels)
     elif steps == 2:
-        x = C.consistency_sample(net, noise, (C.SIGMA_MAX, C.SIGMA_MID), class_labels=labels, generator=generator)
+        x = C.sample_2step(net, noise, labels, generator)
     else:
         raise ValueError(f"consistency sampling supports 1 or 2 steps, got {steps}")
     return x.clamp(-1, 1)

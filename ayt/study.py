@@ -79,11 +79,10 @@ def ct_run(root: Path, method: str, lr: float, seed: int, batch: int, feature_ne
 
 
 def final_score(run: Path, sampler: str = "1step", it: int = EVAL_ITERS[-1]) -> float:
-    res = json.loads((run / "results.json").read_text())
-    for r in res.get("eval", []):
-        if r["iteration"] == it and r["sampler"] == sampler and r["n"] == N_EVAL:
-            return r[METRIC]["mean"]
-    raise KeyError(f"{run}: no {sampler} evaluation at iteration {it}")
+    curve = _curve(run, sampler)
+    if it not in curve:
+        raise KeyError(f"{run}: no {sampler} evaluation at iteration {it}")
+    return curve[it]
 
 
 def run_study(root: Path, workers: int = 2) -> dict:
