@@ -91,6 +91,7 @@ class FeatureSpace:
             self.evaluator = shapes_evaluator(cfg.data.resolution, ecfg.evaluator, device)
             self.feature_fn = lambda x: self.evaluator.features(x)
         self.ref_feats = None
+        self._swd_real: dict[int, torch.Tensor] = {}
         n_ref = min(ecfg.ref_images, len(self.dataset))
         if ecfg.ref is not None:
             self.mu, self.sigma = fid.load_stats(ecfg.ref)
@@ -126,12 +127,14 @@ class FeatureSpace:
         f = feats.double()
         out = {"fd_eval": fid.frechet_distance(f.mean(0).numpy(), np.cov(f.numpy(), rowvar=False), self.mu, self.sigma)}
         if self.ecfg.extras:
-            real = self._real(min(n, len(self.dataset)))
+            m = min(n, len(self.dataset))
+            if m not in self._swd_real:  # the same real set for every checkpoint and sampling run
+                self._swd_real[m] = self._real(m)
             p, r = precision_recall(self.ref_feats[:n * 2], feats, k=3)
             out.update(precision=p, recall=r,
-                       swd_pixels=float(sliced_wasserstein(real, images, 128, torch.Generator().manual_seed(0))),
-                       manifold_error=float(shapes_manifold_error(images[:500], self.evaluator.cpu())))
-            self.evaluator.to(self.device)
+                       swd_pixels=float(sliced_wasserstein(self._swd_real[m], images, 128,
+                                                           torch.Generator().manual_seed(0))),
+                       manifold_error=float(shapes_manifold_error(images[:500].to(self.device), self.evaluator)))
         return out
 
 
@@ -211,16 +214,13 @@ def select_checkpoints(run_dir, which: str = "latest") -> list[Path]:
 
 def evaluate_run(run_dir, ecfg: EvalConfig, which: str = "latest", log: Callable = print) -> list[dict]:
     """Evaluate checkpoints of a run; append the records to results.json (rank 0)."""
+    from .config import from_dict
     run_dir = Path(run_dir)
     paths = select_checkpoints(run_dir, which)
-    space = None
+    device = torch.device(ecfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    space = FeatureSpace(from_dict(json.loads((run_dir / "config.json").read_text())), ecfg, device)
     out = []
     for p in paths:
-        if space is None:
-            from .train import load_run_model
-            device = torch.device(ecfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            _, cfg, _ = load_run_model(p, "ema", "cpu")
-            space = FeatureSpace(cfg, ecfg, device)
         recs = evaluate_checkpoint(p, ecfg, space)
         for r in recs:
             log(f"[eval] {run_dir.name} it {r['iteration']} {r['sampler']}: {r['metric']} "
