@@ -56,16 +56,30 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load and check an ayt checkpoint; clear errors for missing, corrupt or foreign files."""
+def read_torch_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """torch.load(weights_only=True) with a clear error for missing, corrupt or non-torch files."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path} (corrupt or not a torch file): {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+
+
+def is_checkpoint(obj: Any) -> bool:
+    """Does a loaded object carry the ayt checkpoint header?"""
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load and check an ayt checkpoint; clear errors for missing, corrupt or foreign files."""
+    return check_checkpoint(read_torch_file(path, map_location), path)
+
+
+def check_checkpoint(ckpt: Any, path: str | os.PathLike) -> dict:
+    """The header and version checks of `load_checkpoint`, for an already loaded object."""
+    if not is_checkpoint(ckpt):
         raise CheckpointError(f"{path} is not an ayt training checkpoint (no '{FORMAT}' header); "
                               "plain state dicts and EDM .pkl files are accepted as net.init, not for --resume")
     if ckpt.get("version") != VERSION:

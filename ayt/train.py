@@ -181,20 +181,24 @@ def load_init_weights(net: torch.nn.Module, path: str) -> str:
     """Initialise `net` from a run directory / ayt checkpoint (its EMA), an EDM .pkl or a .pt state dict."""
     from .networks import load_edm_checkpoint, load_into
     p = _resolve_pretrained(path)
-    if p.is_dir() or (p.suffix == ".pt" and _is_ayt_checkpoint(p)):
-        ckpt = ck.load_checkpoint(ck.resolve_checkpoint(p))
+    ckpt = _read_ayt_checkpoint(p) if p.is_dir() or p.suffix == ".pt" else None
+    if ckpt is not None:
         ck.load_state_dict_strict(net, ckpt["ema"], f"net.init checkpoint {p}")
         return f"ayt checkpoint {p} (EMA, iteration {ckpt['iteration']})"
     load_into(net, load_edm_checkpoint(str(p)), strict=True)
     return f"{p}"
 
 
-def _is_ayt_checkpoint(p: Path) -> bool:
+def _read_ayt_checkpoint(p: Path) -> Optional[dict]:
+    """A run directory's latest checkpoint, or the file's checkpoint if it is an ayt checkpoint (else None);
+    the file is read once."""
+    if p.is_dir():
+        return ck.load_checkpoint(ck.resolve_checkpoint(p))
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:
-        return False
-    return isinstance(obj, dict) and obj.get("format") == ck.FORMAT
+        obj = ck.read_torch_file(p)
+    except ck.CheckpointError:
+        return None
+    return ck.check_checkpoint(obj, p) if ck.is_checkpoint(obj) else None
 
 
 def load_feature_net(path: str, arch: str, resolution: int, in_channels: int, num_outputs: int) -> torch.nn.Module:
@@ -205,8 +209,9 @@ def load_feature_net(path: str, arch: str, resolution: int, in_channels: int, nu
     if not p.exists():
         raise FileNotFoundError(f"ct.feature_net: no such run directory or file: {p} "
                                 "(train one first: python -m ayt train --preset <...>-feature-net)")
-    if p.is_dir() or _is_ayt_checkpoint(p):
-        ckpt = ck.load_checkpoint(ck.resolve_checkpoint(p))
+    obj = ck.load_checkpoint(ck.resolve_checkpoint(p)) if p.is_dir() else ck.read_torch_file(p)
+    if ck.is_checkpoint(obj):
+        ckpt = ck.check_checkpoint(obj, p)
         fcfg = from_dict(ckpt["config"])
         if fcfg.stage != "feature":
             raise ck.CheckpointError(f"ct.feature_net={p} is a {fcfg.stage!r} run, not a feature-network run")
@@ -217,8 +222,7 @@ def load_feature_net(path: str, arch: str, resolution: int, in_channels: int, nu
         ck.load_state_dict_strict(phi, ckpt["model"], f"feature net {p}")
     else:
         phi = build_feature_net(arch, resolution=resolution, in_channels=in_channels, num_outputs=num_outputs)
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        ck.load_state_dict_strict(phi, state, f"feature-net state dict {p}")
+        ck.load_state_dict_strict(phi, obj, f"feature-net state dict {p}")
     return freeze(phi)
 
 

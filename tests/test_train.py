@@ -206,3 +206,17 @@ def test_cli_errors(tmp_path):
     assert out.returncode == 2 and "unknown setting 'optim.lrr'" in out.stderr
     out = subprocess.run([sys.executable, "-m", "ayt", "train", "--help"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0 and "mini-ayt" in out.stdout and "ct.mode" in out.stdout
+
+
+def test_feature_net_from_plain_state_dict(tmp_path, feature_run):
+    """The authors' release format: a bare VGG state dict, architecture named by ct.feature_arch."""
+    from ayt.train import load_feature_net
+    state = ck.load_checkpoint(ck.resolve_checkpoint(feature_run))["model"]
+    plain = tmp_path / "phi.pt"
+    torch.save(state, plain)
+    phi = load_feature_net(str(plain), "mini-vgg", 16, 3, 15)
+    ref = load_feature_net(str(feature_run), "unused", 16, 3, 15)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert all(torch.equal(a, b) for a, b in zip(phi.features(x), ref.features(x)))
+    with pytest.raises(ck.CheckpointError, match="does not match"):
+        load_feature_net(str(plain), "vgg11", 16, 3, 15)
