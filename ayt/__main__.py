@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import PRESETS, ConfigError, describe_settings, make_config
+from .config import PRESETS, ConfigError, describe_settings, make_config, relocated_run_references
 
 DEMO_STAGES = ("demo-feature-net", "demo-diffusion", "demo-ayt")
 
@@ -27,12 +27,9 @@ def cmd_demo(args) -> int:
     from .train import train
     t0 = time.time()
     for preset in DEMO_STAGES:
-        cfg = make_config(preset, [f"run_root={args.run_root}"] + args.overrides)
-        # the later stages read the earlier ones from the same run root
-        if cfg.net.init and cfg.net.init.startswith("runs/"):
-            cfg.net.init = str(Path(args.run_root) / Path(cfg.net.init).name)
-        if cfg.ct.feature_net and cfg.ct.feature_net.startswith("runs/"):
-            cfg.ct.feature_net = str(Path(args.run_root) / Path(cfg.ct.feature_net).name)
+        base = [f"run_root={args.run_root}"] + args.overrides
+        cfg = make_config(preset, base)  # the later stages read the earlier ones from the same run root:
+        cfg = make_config(preset, base + relocated_run_references(cfg, args.overrides))
         train(cfg, resume=True)
     print(f"[ayt] demo finished in {time.time() - t0:.0f} s; samples in {Path(args.run_root) / 'demo-ayt' / 'samples'}")
     return 0

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 
@@ -285,6 +286,20 @@ def make_config(preset: Optional[str] = None, overrides: Optional[dict[str, Any]
         set_key(cfg, k, v)
     validate(cfg)
     return cfg
+
+
+RUN_REFERENCES = ("net.init", "ct.feature_net")  # settings that may name another run directory
+
+
+def relocated_run_references(cfg: TrainConfig, overrides: list[str]) -> list[str]:
+    """Overrides that move a preset's references to other runs (`runs/<name>`) under cfg.run_root, so a
+    chain of presets (e.g. demo-feature-net -> demo-ayt) works in any run root. Keys set in `overrides`
+    are left alone."""
+    if Path(cfg.run_root) == Path("runs"):
+        return []
+    values = {"net.init": cfg.net.init, "ct.feature_net": cfg.ct.feature_net}
+    return [f"{key}={Path(cfg.run_root) / Path(values[key]).name}" for key in RUN_REFERENCES
+            if values[key] and values[key].startswith("runs/") and not any(o.startswith(key + "=") for o in overrides)]
 
 
 def validate(cfg: TrainConfig) -> None:

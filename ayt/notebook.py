@@ -314,14 +314,10 @@ def run_stage(preset: str, overrides: Sequence[str] = (), run_root: PathLike = "
     A run that is already complete is not touched; an interrupted one resumes. Paths of the form
     runs/<run> in the preset's net.init / ct.feature_net are read from run_root (as `ayt demo` does).
     nproc > 1 launches `launch_torchrun`; otherwise the training runs in this process."""
-    from .config import make_config
+    from .config import make_config, relocated_run_references
     base = [f"run_root={run_root}"] + ([f"name={name}"] if name else []) + list(overrides)
     cfg = make_config(preset, base)
-    extra = []
-    if Path(run_root) != Path("runs"):
-        for key, value in (("net.init", cfg.net.init), ("ct.feature_net", cfg.ct.feature_net)):
-            if value and value.startswith("runs/") and not any(o.startswith(key + "=") for o in overrides):
-                extra.append(f"{key}={Path(run_root) / Path(value).name}")
+    extra = relocated_run_references(cfg, list(overrides))
     if extra:
         cfg = make_config(preset, base + extra)
     run_dir = Path(cfg.run_root) / cfg.name

@@ -60,3 +60,12 @@ def test_unknown_preset_and_missing_feature_net():
         make_config("cifar11-ayt")
     with pytest.raises(ConfigError, match="feature_net"):
         make_config("mini-ayt", ["ct.feature_net=none"])
+
+
+def test_run_references_follow_the_run_root():
+    from ayt.config import relocated_run_references
+    cfg = make_config("demo-ayt", ["run_root=/tmp/x"])
+    assert sorted(relocated_run_references(cfg, [])) == ["ct.feature_net=/tmp/x/demo-feature-net",
+                                                          "net.init=/tmp/x/demo-diffusion"]
+    assert relocated_run_references(cfg, ["net.init=mine"]) == ["ct.feature_net=/tmp/x/demo-feature-net"]
+    assert relocated_run_references(make_config("demo-ayt"), []) == []
