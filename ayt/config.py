@@ -90,6 +90,16 @@ class OptimConfig:
 
 
 @dataclass
+class LogConfig:
+    """Live metrics beside metrics.jsonl (ayt.tracking); rank 0 only. They do not change the training,
+    so they may differ when a run is resumed."""
+    tensorboard: bool = True         # TensorBoard event files in <run>/tb/ (needs `pip install tensorboard`)
+    wandb: bool = False              # Weights & Biases logging (needs `pip install wandb`)
+    wandb_project: str = "ayt"       # W&B project name
+    wandb_entity: Optional[str] = None  # W&B team / user (default: your W&B default entity)
+
+
+@dataclass
 class TrainConfig:
     stage: str = "consistency"       # diffusion | consistency | feature
     name: Optional[str] = None       # run name (default: the preset name)
@@ -113,6 +123,7 @@ class TrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     feature: FeatureConfig = field(default_factory=FeatureConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 STAGES = ("diffusion", "consistency", "feature")
@@ -200,6 +211,30 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "log_every": 100, "ckpt_every": 500},
     "disk-ect": {**_DISK_CT, "ct.mode": "ect"},
     "disk-ayt": {**_DISK_CT, "ct.mode": "mfd"},
+}
+
+# One line per preset for `python -m ayt presets` (what it is for).
+PRESET_PURPOSES: dict[str, str] = {
+    "cifar10-edm": "EDM DDPM++ diffusion pretraining on CIFAR-10, if you do not import EDM's checkpoint",
+    "cifar10-ect": "ECT baseline on CIFAR-10 from EDM's edm-cifar10-32x32-uncond-vp.pkl (batch 128, 400k it)",
+    "cifar10-ayt": "ECT + AYT (MFD direction) on CIFAR-10, feature net from runs/cifar10-feature-net",
+    "cifar10-lpips": "the LPIPS(VGG) direction baseline on CIFAR-10 (needs `pip install lpips`)",
+    "cifar10-feature-net": "VGG16 regressing the 15 geo_clr_deg labels on CIFAR-10 (batch 512, 400k it)",
+    "imagenet64-edm": "EDM ADM diffusion pretraining on ImageNet 64x64 (class-conditional)",
+    "imagenet64-ect": "ECT baseline on ImageNet 64x64 from EDM's edm-imagenet-64x64-cond-adm.pkl",
+    "imagenet64-ayt": "ECT + AYT on ImageNet 64x64, feature net from runs/imagenet64-feature-net",
+    "imagenet64-feature-net": "VGG16 feature net on ImageNet 64x64 (data/imagenet-64x64.zip)",
+    "mini-diffusion": "EDM pretraining on the built-in 16x16 shapes (CPU, the mini study's init)",
+    "mini-feature-net": "mini VGG feature net on the built-in 16x16 shapes (CPU, the mini study)",
+    "mini-ect": "ECT on the shapes from runs/mini-diffusion (CPU, the mini study's baseline)",
+    "mini-ayt": "AYT on the shapes from runs/mini-diffusion with runs/mini-feature-net (CPU, the mini study)",
+    "demo-feature-net": "demo stage 1: feature net on 4,096 shapes in about a CPU minute (`python -m ayt demo`)",
+    "demo-diffusion": "demo stage 2: diffusion pretraining on 4,096 shapes (`python -m ayt demo`)",
+    "demo-ayt": "demo stage 3: AYT tuning from the two demo runs, with a sample grid (`python -m ayt demo`)",
+    "disk-feature-net": "MLP feature net on the 2-D disk in R^16 (the tangent study)",
+    "disk-diffusion": "EDM pretraining of an MLP on the 2-D disk in R^16 (the tangent study)",
+    "disk-ect": "ECT on the disk with ECT's doubling schedule (q=2, double_every 2500; the tangent study)",
+    "disk-ayt": "AYT on the disk with ECT's doubling schedule (q=2, double_every 2500; the tangent study)",
 }
 
 
@@ -355,9 +390,9 @@ def from_dict(d: dict) -> TrainConfig:
     return cfg
 
 
-def describe_settings() -> str:
-    """All settings with their defaults, for --help."""
-    lines = []
+def flatten(cfg: TrainConfig) -> dict[str, Any]:
+    """{dotted key: value} of every setting, in declaration order."""
+    out: dict[str, Any] = {}
 
     def walk(prefix: str, obj):
         for f in dataclasses.fields(obj):
@@ -365,6 +400,24 @@ def describe_settings() -> str:
             if dataclasses.is_dataclass(v):
                 walk(f"{prefix}{f.name}.", v)
             else:
-                lines.append(f"  {prefix}{f.name}={json.dumps(v)}")
-    walk("", TrainConfig())
+                out[f"{prefix}{f.name}"] = v
+    walk("", cfg)
+    return out
+
+
+def format_settings(cfg: TrainConfig, base: Optional[TrainConfig] = None, mark: str = "*") -> str:
+    """Every setting of cfg as `key=value` lines (JSON values); with `base`, the settings that differ
+    from it are marked with `mark` and show the base value."""
+    ref = flatten(base) if base is not None else {}
+    lines = []
+    for k, v in flatten(cfg).items():
+        if base is not None and ref[k] != v:
+            lines.append(f"{mark} {k}={json.dumps(v)}  (default {json.dumps(ref[k])})")
+        else:
+            lines.append(f"{' ' * len(mark)} {k}={json.dumps(v)}" if base is not None else f"  {k}={json.dumps(v)}")
     return "\n".join(lines)
+
+
+def describe_settings() -> str:
+    """All settings with their defaults, for --help."""
+    return format_settings(TrainConfig())

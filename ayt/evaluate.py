@@ -23,6 +23,7 @@ import torch
 from . import checkpoint as ck
 from . import fid
 from .config import TrainConfig
+from .progress import Progress, counting
 from .sampling import batch_seed, denoise_batch, sampler
 
 METRICS = ("auto", "fid", "fd_eval")
@@ -64,6 +65,8 @@ def shapes_evaluator(resolution: int, path: Optional[str] = None, device="cpu", 
     path = Path(path or f"data/evaluators/shapes-{resolution}px-seed{seed}.pt")
     if path.exists():
         return ShapesEvaluator.load(path).to(device).eval()
+    print(f"[eval] training the shapes evaluator once ({steps} steps on 20,000 images), cached at {path}",
+          flush=True)
     images, params = make_shapes(20000, resolution, seed=10_000 + seed)
     ev = train_evaluator(images, params, steps=steps, batch_size=128, lr=1e-3, seed=seed, device=device)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +102,7 @@ class FeatureSpace:
             cache = Path(f"data/fid-refs/{cfg.data.name}-{cfg.data.resolution}px-{n_ref}.npz")
             self.mu, self.sigma = fid.reference_stats(self._real(n_ref), cache, self.feature_fn, ecfg.batch, device)
         else:
-            self.ref_feats = self.features(self._real(n_ref))
+            self.ref_feats = self.features(self._real(n_ref), desc="[eval] reference features")
             f = self.ref_feats.double()
             self.mu, self.sigma = f.mean(0).numpy(), np.cov(f.numpy(), rowvar=False)
 
@@ -108,11 +111,17 @@ class FeatureSpace:
         return torch.stack([self.dataset[int(i)][0] for i in idx])
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor, desc: Optional[str] = None) -> torch.Tensor:
+        """Features [N, D] of images [N, C, H, W]; desc: report progress under this name."""
         out = []
+        bar = Progress(images.shape[0], desc, "img") if desc else None
         for i in range(0, images.shape[0], self.ecfg.batch):
             x = fid.quantize(images[i:i + self.ecfg.batch].to(self.device))
             out.append(self.feature_fn(x).float().cpu())
+            if bar is not None:
+                bar.update(x.shape[0])
+        if bar is not None:
+            bar.close()
         return torch.cat(out)
 
     def score(self, sample_fn: Callable[[int, int], torch.Tensor], n: int) -> dict:
@@ -146,9 +155,17 @@ def _summary(values: list[float]) -> dict:
             "runs": [float(v) for v in a]}
 
 
-def evaluate_checkpoint(path, ecfg: EvalConfig, space: Optional[FeatureSpace] = None) -> list[dict]:
+def samples_per_checkpoint(stage: str, ecfg: EvalConfig) -> int:
+    """Images evaluate_checkpoint draws for a run of this stage (every sampler, run and dFID sigma)."""
+    samplers = 1 if stage == "diffusion" else len(ecfg.steps) + len(ecfg.dfid_sigmas)
+    return samplers * ecfg.runs * ecfg.n
+
+
+def evaluate_checkpoint(path, ecfg: EvalConfig, space: Optional[FeatureSpace] = None,
+                        bar: Optional[Progress] = None) -> list[dict]:
     """Records for one checkpoint: for each sampler (1-step, 2-step; Heun for diffusion runs) the
-    metric over `runs` sampling runs, and dFID at each sigma (consistency runs)."""
+    metric over `runs` sampling runs, and dFID at each sigma (consistency runs). bar: counts the
+    samples drawn (and their features extracted)."""
     from .train import load_run_model
     device = torch.device(ecfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net, cfg, state = load_run_model(path, "ema", device)
@@ -158,11 +175,19 @@ def evaluate_checkpoint(path, ecfg: EvalConfig, space: Optional[FeatureSpace] = 
     C, R, L = state["img_channels"], cfg.data.resolution, state["label_dim"]
     it = int(state["iteration"])
     records = []
+    # FID splits the batches across ranks (rank 0 draws 1/world of them); fd_eval draws all on each rank
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() and space.metric == "fid" else 1
+
+    def score(sample_fn, what: str, k: int) -> dict:
+        if bar is not None:
+            bar.note(f"it {it} {what} run {k + 1}/{ecfg.runs}")
+            sample_fn = counting(sample_fn, bar, world)
+        return space.score(sample_fn, ecfg.n)
     samplers = ["heun18"] if cfg.stage == "diffusion" else [f"{s}step" for s in ecfg.steps]
     for name in samplers:
         steps = 1 if name == "heun18" else int(name[0])
         t0 = time.time()
-        per_run = [space.score(sampler(net, cfg.stage, C, R, L, ecfg.seed + 1000 * k, device, steps), ecfg.n)
+        per_run = [score(sampler(net, cfg.stage, C, R, L, ecfg.seed + 1000 * k, device, steps), name, k)
                    for k in range(ecfg.runs)]
         rec = {"iteration": it, "sampler": name, "n": ecfg.n, "metric": space.metric,
                "seconds": round(time.time() - t0, 1)}
@@ -172,8 +197,8 @@ def evaluate_checkpoint(path, ecfg: EvalConfig, space: Optional[FeatureSpace] = 
     if cfg.stage == "consistency":
         for sigma in ecfg.dfid_sigmas:
             rec = {"iteration": it, "sampler": f"denoise@{sigma}", "n": ecfg.n, "metric": "d" + space.metric}
-            vals = [space.score(_denoiser(net, space, float(sigma), ecfg.seed + 1000 * k, device), ecfg.n)[space.metric]
-                    for k in range(ecfg.runs)]
+            vals = [score(_denoiser(net, space, float(sigma), ecfg.seed + 1000 * k, device), f"dFID@{sigma}", k)
+                    [space.metric] for k in range(ecfg.runs)]
             rec[space.metric] = _summary(vals)
             records.append(rec)
     return records
@@ -212,21 +237,33 @@ def select_checkpoints(run_dir, which: str = "latest") -> list[Path]:
     return found
 
 
-def evaluate_run(run_dir, ecfg: EvalConfig, which: str = "latest", log: Callable = print) -> list[dict]:
-    """Evaluate checkpoints of a run; append the records to results.json (rank 0)."""
+def evaluate_run(run_dir, ecfg: EvalConfig, which: str = "latest", log: Callable = print,
+                 track: bool = False) -> list[dict]:
+    """Evaluate checkpoints of a run; append the records to results.json (rank 0). Progress goes to
+    stderr (ayt.progress); track: also log the scores to the run's TensorBoard / W&B (ayt.tracking)."""
     from .config import from_dict
+    from .tracking import log_eval_records, open_tracker
     run_dir = Path(run_dir)
     paths = select_checkpoints(run_dir, which)
+    cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
+    its = [it for it, p in ck.list_checkpoints(run_dir) if p in paths]
+    is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    tracker = open_tracker(cfg, run_dir, "eval", purge_step=min(its), enabled=track and is_main)
     device = torch.device(ecfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    space = FeatureSpace(from_dict(json.loads((run_dir / "config.json").read_text())), ecfg, device)
+    space = FeatureSpace(cfg, ecfg, device)
     out = []
-    for p in paths:
-        recs = evaluate_checkpoint(p, ecfg, space)
-        for r in recs:
-            log(f"[eval] {run_dir.name} it {r['iteration']} {r['sampler']}: {r['metric']} "
-                f"{r[space.metric]['mean']:.4g} (min {r[space.metric]['min']:.4g}, {ecfg.runs} run(s) x {ecfg.n})")
-        out.extend(recs)
-        append_results(run_dir, recs)
+    with Progress(len(paths) * samples_per_checkpoint(cfg.stage, ecfg), f"[eval {run_dir.name}]", "img") as bar:
+        say = bar.writer(log)
+        for i, p in enumerate(paths):
+            recs = evaluate_checkpoint(p, ecfg, space, bar)
+            for r in recs:
+                say(f"[eval] {run_dir.name} it {r['iteration']} {r['sampler']}: {r['metric']} "
+                    f"{r[space.metric]['mean']:.4g} (min {r[space.metric]['min']:.4g}, {ecfg.runs} run(s) x {ecfg.n})")
+            out.extend(recs)
+            append_results(run_dir, recs)
+            # this checkpoint's records and those up to the next evaluated one, in iteration order
+            log_eval_records(tracker, run_dir / "results.json", its[i], its[i + 1] if i + 1 < len(its) else None)
+    tracker.close()
     return out
 
 
@@ -253,8 +290,10 @@ def make_eval_hook(cfg: TrainConfig, n: Optional[int] = None) -> Callable:
             state["space"] = FeatureSpace(cfg, ecfg, device)
         space = state["space"]
         was = ema.training
-        res = space.score(sampler(ema.eval(), cfg.stage, ema.img_channels, cfg.data.resolution, ema.label_dim,
-                                  ecfg.seed, device, 1), ecfg.n)
+        with Progress(ecfg.n, f"[{cfg.name} eval hook it {it}]", "img") as bar:
+            fn = sampler(ema.eval(), cfg.stage, ema.img_channels, cfg.data.resolution, ema.label_dim, ecfg.seed,
+                         device, 1)
+            res = space.score(counting(fn, bar), ecfg.n)
         ema.train(was)
         return {f"eval_{k}_1step": v for k, v in res.items()}
     return hook

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import inception as tv_inception
 
+from .progress import Progress
+
 __all__ = [
     "FID_WEIGHTS_URL",
     "FID_WEIGHTS_FILENAME",
@@ -518,10 +520,16 @@ def compute_stats(
     is consumed entirely by this process and not reduced.
     feature_fn: [B, C, H, W] -> [B, D], e.g. `load_inception()`.
     quantize_input: float images are quantised with `quantize` (EDM's PNG quantisation) first.
+    Progress (images whose features are extracted, rank 0's share times the world size) goes to stderr.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     stats: FeatureStats | None = None
+    indexable = isinstance(images, torch.Tensor) or (
+        isinstance(images, torch.utils.data.Dataset) and hasattr(images, "__len__")
+    )
+    rank, world = _rank_world() if indexable else (0, 1)
+    bar = Progress(len(images) if indexable else None, "[fid] feature statistics", "img")
 
     def add(batch: torch.Tensor) -> None:
         nonlocal stats
@@ -529,13 +537,10 @@ def compute_stats(
         if stats is None:
             stats = FeatureStats(feats.shape[1], device=feats.device)
         stats.update(feats)
+        bar.update(world * feats.shape[0])
 
-    indexable = isinstance(images, torch.Tensor) or (
-        isinstance(images, torch.utils.data.Dataset) and hasattr(images, "__len__")
-    )
     if indexable:
         n = len(images)
-        rank, world = _rank_world()
         for start in range(rank * batch_size, n, world * batch_size):
             idx = range(start, min(start + batch_size, n))
             if isinstance(images, torch.Tensor):
@@ -552,6 +557,7 @@ def compute_stats(
             add(_as_images(item))
         if stats is None:
             raise ValueError("compute_stats: the image iterable was empty")
+    bar.close()
     return stats.mean(), stats.cov()
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fid
+from .progress import progress
 
 __all__ = [
     "ShapesEvaluator",
@@ -167,7 +168,7 @@ def train_evaluator(
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
     n = images.shape[0]
-    for _ in range(steps):
+    for _ in progress(range(steps), desc="[shapes evaluator] training", unit="step"):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
         x, y = images[idx].to(dev), p[idx].to(dev)
         target = (y - net.param_mean) / net.param_std

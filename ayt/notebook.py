@@ -226,8 +226,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ayt notebook", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import HelpFormatter
+    ap = argparse.ArgumentParser(prog="python -m ayt notebook", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("notebook", help="the source notebook (.ipynb)")
     ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="set a parameter of the notebook's parameters cell (repeatable)")

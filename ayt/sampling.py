@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import consistency as C
+from .progress import Progress, counting
 
 
 def batch_seed(seed: int, index: int) -> int:
@@ -48,10 +49,16 @@ def sampler(net: Callable, stage: str, img_channels: int, resolution: int, label
 
 
 def generate(net: Callable, stage: str, n: int, img_channels: int, resolution: int, label_dim: int, seed: int,
-             device, steps: int = 1, batch: int = 256) -> torch.Tensor:
-    """n samples [n, C, H, W] on the CPU, deterministic in seed."""
+             device, steps: int = 1, batch: int = 256, progress: bool = False) -> torch.Tensor:
+    """n samples [n, C, H, W] on the CPU, deterministic in seed; progress: report samples drawn (stderr)."""
     fn = sampler(net, stage, img_channels, resolution, label_dim, seed, device, steps)
-    return torch.cat([fn(i, min(batch, n - i * batch)).cpu() for i in range((n + batch - 1) // batch)])
+    bar = Progress(n, "[sample]", "img") if progress else None
+    if bar is not None:
+        fn = counting(fn, bar)
+    x = torch.cat([fn(i, min(batch, n - i * batch)).cpu() for i in range((n + batch - 1) // batch)])
+    if bar is not None:
+        bar.close()
+    return x
 
 
 @torch.no_grad()

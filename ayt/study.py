@@ -29,6 +29,9 @@ from typing import Optional
 
 import numpy as np
 
+from .cli import HelpFormatter
+from .progress import fmt_time
+
 LRS = (1e-4, 5e-4)
 SEEDS = (0, 1, 2)
 EVAL_ITERS = (250, 500, 1000, 1500, 2000)
@@ -40,12 +43,16 @@ METRIC = "fd_eval"
 def _run(cmd: list[str], log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     log.parent.mkdir(parents=True, exist_ok=True)
+    what = f"{cmd[3]} {log.stem}"  # e.g. "train mini-ect-lr0.0001-bs16-s0"
+    print(f"[study] started  {what} (log {log})", flush=True)
+    t0 = time.time()
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
         raise RuntimeError(f"command failed (exit {rc}), see {log}: {' '.join(cmd)}")
+    print(f"[study] finished {what} in {fmt_time(time.time() - t0)} (log {log})", flush=True)
 
 
 def _train(root: Path, preset: str, name: str, overrides: list[str]) -> Path:
@@ -64,7 +71,7 @@ def _evaluate(root: Path, run: Path, iters: int) -> None:
     todo = [it for it in EVAL_ITERS if it <= iters and ((it, "1step") not in done or (it, "2step") not in done)]
     if todo:
         _run([sys.executable, "-m", "ayt", "eval", str(run), "--checkpoints", ",".join(map(str, todo)),
-              "--n", str(N_EVAL), "--runs", "1", "--dfid", "--batch", "500", "--device", "cpu",
+              "--n", str(N_EVAL), "--runs", "1", "--no-dfid", "--batch", "500", "--device", "cpu",
               "--evaluator", str(root / "evaluators" / "shapes-16px.pt")], root / "logs" / f"{run.name}.log")
 
 
@@ -218,9 +225,8 @@ def sample_figures(root: Path, figures_dir: Path, n: int = 64, seed: int = 0) ->
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ayt study", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-root", default="runs")
+    ap = argparse.ArgumentParser(prog="python -m ayt study", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--run-root", default="runs", help="where the study's runs, logs and mini-study.json go")
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")
     ap.add_argument("--summarize", action="store_true", help="only recompute mini-study.json from the runs")
     ap.add_argument("--sample-figures", metavar="DIR", help="only write sample grids of the chosen runs to DIR")

@@ -31,6 +31,8 @@ from . import checkpoint as ck
 from . import consistency as C
 from .config import ConfigError, TrainConfig, from_dict, to_dict
 from .objectives import ConsistencyObjective, DiffusionObjective, FeatureObjective
+from .progress import fmt_time as _fmt_time
+from .tracking import check_available, open_tracker, train_scalars
 
 # EDM's released checkpoints (Karras et al. 2022), downloaded on demand when net.init names one.
 EDM_PRETRAINED_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
@@ -300,9 +302,12 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
         if not resume and ck.list_checkpoints(run_dir):
             raise ConfigError(f"run directory {run_dir} already holds a run: pass --resume to continue it, "
                               "or choose another name=")
-        old = json.loads(cfg_file.read_text())
+        try:  # settings added to TrainConfig since the file was written get their defaults
+            old = to_dict(from_dict(json.loads(cfg_file.read_text())))
+        except (ConfigError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{cfg_file} does not hold a readable run configuration: {e}") from None
         new = to_dict(cfg)
-        diff = sorted(k for k in set(old) | set(new) if k not in ("iters",) and old.get(k) != new.get(k))
+        diff = sorted(k for k in set(old) | set(new) if k not in ("iters", "log") and old.get(k) != new.get(k))
         if resume and diff:
             raise ConfigError(f"--resume with settings that differ from {cfg_file}: {', '.join(diff)}")
     return run_dir
@@ -319,6 +324,7 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
     d = setup_distributed(cfg.device)
     torch.manual_seed(derive_seed(cfg.seed, d.rank, 0xB0))
     run_dir = prepare_run_dir(cfg, resume)
+    check_available(cfg.log)  # a missing tensorboard / wandb stops the run before any work
     ds = build_dataset(cfg)
     img_channels = ds.num_channels
     label_dim = ds.label_dim if cfg.data.conditional else 0
@@ -347,6 +353,8 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
         run_dir.mkdir(parents=True, exist_ok=True)
         ck.write_json_atomic(to_dict(cfg), run_dir / "config.json")
         truncate_metrics(run_dir / "metrics.jsonl", start_it)
+    # Live metrics (rank 0): the new event file purges the steps logged after the checkpoint (ayt.tracking)
+    tracker = open_tracker(cfg, run_dir, "train", purge_step=start_it + 1, enabled=d.is_main)
     _log(d, f"[ayt] run {run_dir} | stage {cfg.stage} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params"
             f" | {d.world} process(es) on {d.device} | batch {cfg.batch} = {d.world} x {accum} x {micro} | {init_note}")
 
@@ -417,17 +425,21 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
             if d.is_main:
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                eta = (cfg.iters - done) / max(rate, 1e-9)
-                print(f"[{cfg.name}] {done}/{cfg.iters} " + " ".join(f"{k} {v:.4g}" for k, v in loss_value.items())
-                      + f" | {rate:.2f} it/s | eta {_fmt_time(eta)}", flush=True)
+                tracker.scalars(done, train_scalars(rec))
+                _print_progress(cfg, done, loss_value, rate)
             last_log_t, last_log_it = now, done
+        elif done == start_it + 1 and d.is_main:  # a first line within seconds (not a metrics record)
+            _print_progress(cfg, done, loss_value, 1 / max(time.time() - t_start, 1e-9), "first iteration")
         if cfg.sample_every and done % cfg.sample_every == 0 and cfg.stage != "feature" and d.is_main:
-            save_sample_grid(ema, cfg, img_channels, label_dim, run_dir / "samples" / f"samples-{done:08d}.png", d.device)
+            grid = save_sample_grid(ema, cfg, img_channels, label_dim, run_dir / "samples" / f"samples-{done:08d}.png",
+                                    d.device)
+            tracker.image(done, "samples", grid)
         if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0:
             res = eval_fn(ema, done, run_dir)
             if d.is_main and res:
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps({"iteration": done, **res}) + "\n")
+                tracker.scalars(done, train_scalars(res))
         if done % cfg.ckpt_every == 0 or done == cfg.iters:
             save(done)
     ddp_check = replica_divergence(model, d) if d.world > 1 else None
@@ -435,6 +447,7 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
         if not ck.list_checkpoints(run_dir) or ck.list_checkpoints(run_dir)[-1][0] != cfg.iters:
             save(cfg.iters)
         finish_run(cfg, run_dir, model, ema, ds, d.device, time.time() - t_start, start_it, ddp_check)
+    tracker.close()
     if d.world > 1:
         dist.barrier()
     return run_dir
@@ -474,9 +487,11 @@ def _reduce_mean(stats: dict[str, torch.Tensor], d: Dist) -> dict[str, float]:
     return dict(zip(keys, vec.tolist()))
 
 
-def _fmt_time(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+def _print_progress(cfg: TrainConfig, done: int, stats: dict[str, float], rate: float, note: str = "") -> None:
+    """The loop's log line: iteration, statistics, rate and ETA."""
+    eta = (cfg.iters - done) / max(rate, 1e-9)
+    print(f"[{cfg.name}] {done}/{cfg.iters} " + " ".join(f"{k} {v:.4g}" for k, v in stats.items())
+          + f" | {rate:.2f} it/s | eta {_fmt_time(eta)}" + (f" | {note}" if note else ""), flush=True)
 
 
 def load_run_model(path, which: str = "ema", device="cpu") -> tuple[torch.nn.Module, TrainConfig, dict]:
@@ -497,7 +512,8 @@ def load_run_model(path, which: str = "ema", device="cpu") -> tuple[torch.nn.Mod
     return net.to(device).eval(), cfg, state
 
 
-def save_sample_grid(ema, cfg: TrainConfig, img_channels: int, label_dim: int, path: Path, device) -> None:
+def save_sample_grid(ema, cfg: TrainConfig, img_channels: int, label_dim: int, path: Path, device) -> torch.Tensor:
+    """Write a grid of 64 samples to `path`; returns them [64, C, H, W] in [0, 1]."""
     import torchvision
     was_training = ema.training
     from .sampling import generate
@@ -505,6 +521,7 @@ def save_sample_grid(ema, cfg: TrainConfig, img_channels: int, label_dim: int, p
     ema.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
     torchvision.utils.save_image((x + 1) / 2, str(path), nrow=8)
+    return (x + 1) / 2
 
 
 def finish_run(cfg: TrainConfig, run_dir: Path, model, ema, ds, device, wall_s: float, start_it: int,
