@@ -43,6 +43,10 @@ def fmt_count(x: float) -> str:
     return f"{int(x)}" if float(x).is_integer() else f"{x:.4g}"
 
 
+def _fmt_rate(r: float) -> str:
+    return f"{r:.0f}" if r >= 100 else f"{r:.3g}"
+
+
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -157,7 +161,7 @@ class Progress:
         if self.text:
             parts.append(self.text)
         r = self.rate()
-        parts.append(f"{r:.3g} {self.unit}/s" if r is not None else f"-- {self.unit}/s")
+        parts.append(f"{_fmt_rate(r)} {self.unit}/s" if r is not None else f"-- {self.unit}/s")
         if final:
             parts.append(f"done in {fmt_time(self.clock() - self.t0)}")
         else:
