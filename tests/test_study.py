@@ -1,5 +1,6 @@
 """The mini-study summary: chosen learning rates, seed groups and the iterations-to-reach headline."""
 import json
+import sys
 
 import pytest
 
@@ -43,3 +44,12 @@ def test_summarize_reports_the_control(tmp_path):
     fake_run(tmp_path, "mini-ayt-lr0.0005-bs16-s0", {2000: 4.0})
     g = study.summarize(tmp_path)["groups"]
     assert g["ayt-randfeat-bs16-lr0.0005-1step"]["mean"] == 9.0 and g["ayt-bs16-lr0.0005-1step"]["mean"] == 4.0
+
+
+def test_driver_prints_one_line_per_started_and_finished_job(tmp_path, capsys):
+    log = tmp_path / "logs" / "mini-x.log"
+    study._run([sys.executable, "-m", "ayt", "presets"], log)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"[study] started  presets mini-x (log {log})"
+    assert lines[1].startswith("[study] finished presets mini-x in 0m") and lines[1].endswith(f"(log {log})")
+    assert "mini-ayt" in log.read_text()  # the job's output went to its log
