@@ -242,13 +242,15 @@ def evaluate_run(run_dir, ecfg: EvalConfig, which: str = "latest", log: Callable
     """Evaluate checkpoints of a run; append the records to results.json (rank 0). Progress goes to
     stderr (ayt.progress); track: also log the scores to the run's TensorBoard / W&B (ayt.tracking)."""
     from .config import from_dict
-    from .tracking import log_eval_records, open_tracker
+    from .tracking import Tracker, check_available, log_eval_records, open_tracker
     run_dir = Path(run_dir)
     paths = select_checkpoints(run_dir, which)
     cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
     its = [it for it, p in ck.list_checkpoints(run_dir) if p in paths]
-    is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    tracker = open_tracker(cfg, run_dir, "eval", purge_step=min(its), enabled=track and is_main)
+    track = track and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0)
+    if track:
+        check_available(cfg.log)  # a missing tensorboard / wandb stops before any work
+    tracker: Optional[Tracker] = None  # opened once the first records are in results.json
     device = torch.device(ecfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     space = FeatureSpace(cfg, ecfg, device)
     out = []
@@ -261,9 +263,11 @@ def evaluate_run(run_dir, ecfg: EvalConfig, which: str = "latest", log: Callable
                     f"{r[space.metric]['mean']:.4g} (min {r[space.metric]['min']:.4g}, {ecfg.runs} run(s) x {ecfg.n})")
             out.extend(recs)
             append_results(run_dir, recs)
-            # this checkpoint's records and those up to the next evaluated one, in iteration order
-            log_eval_records(tracker, run_dir / "results.json", its[i], its[i + 1] if i + 1 < len(its) else None)
-    tracker.close()
+            if track:  # this checkpoint's records and those up to the next evaluated one, in iteration order
+                tracker = tracker or open_tracker(cfg, run_dir, "eval", purge_step=its[0])
+                log_eval_records(tracker, run_dir / "results.json", its[i], its[i + 1] if i + 1 < len(its) else None)
+    if tracker is not None:
+        tracker.close()
     return out
 
 
