@@ -25,14 +25,15 @@ test: setup
 	$(PY) -m pytest -q
 
 # The CPU mini study (about an hour on 2 cores), then every figure from its run directories.
+# Only `figures` writes into figures/ (the notebooks' default is runs/notebooks/<notebook>/figures).
 mini-study: setup
 	$(PY) -m ayt study --run-root runs
 	$(MAKE) figures
 
 figures: setup
-	$(PY) -m ayt notebook notebooks/01_feature_network.ipynb -p feature_net runs/mini-feature-net
-	$(PY) -m ayt notebook notebooks/04_tangent_oscillation.ipynb -p study_root runs
-	$(PY) -m ayt notebook notebooks/05_paper_figures.ipynb
+	$(PY) -m ayt notebook notebooks/01_feature_network.ipynb -p feature_net runs/mini-feature-net -p figures_dir figures
+	$(PY) -m ayt notebook notebooks/04_tangent_oscillation.ipynb -p study_root runs -p figures_dir figures
+	$(PY) -m ayt notebook notebooks/05_paper_figures.ipynb -p figures_dir figures
 	$(PY) -m ayt study --run-root runs --sample-figures figures
 
 # Paper scale (GPUs; set NPROC). Needs CIFAR-10 (data.download=true) and EDM's checkpoint (downloaded once).
@@ -43,7 +44,7 @@ paper: setup
 	$(TORCHRUN) -m ayt train --preset cifar10-ect --resume
 	$(TORCHRUN) -m ayt train --preset cifar10-ayt --resume
 	$(TORCHRUN) -m ayt eval runs/cifar10-ect runs/cifar10-ayt --checkpoints all --n 50000 --runs 3
-	$(PY) -m ayt notebook notebooks/05_paper_figures.ipynb
+	$(PY) -m ayt notebook notebooks/05_paper_figures.ipynb -p figures_dir figures
 
 clean:
 	rm -rf $(VENV) runs

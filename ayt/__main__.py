@@ -273,7 +273,7 @@ def main(argv=None) -> int:
         from .study import main as study_main
         return study_main(argv[1:])
     if argv[:1] == ["notebook"]:
-        from .notebook import main as notebook_main
+        from .nbrun import main as notebook_main
         return notebook_main(argv[1:])
     p = build_parser()
 

@@ -174,7 +174,7 @@ def ayt_tangent(distance: Callable[[Tensor, Tensor], Tensor], D_t: Tensor, D_r: 
 
 def tangent_grid(net: Callable, x_0: Tensor, eps: Tensor, ts: Sequence[float],
                  distance: Optional[Callable] = None, schedule: Optional[C.TRSchedule] = None,
-                 class_labels: Optional[Tensor] = None, it: int = 0) -> dict[str, Tensor]:
+                 class_labels: Optional[Tensor] = None, it: int = 0, jvp: bool = True) -> dict[str, Tensor]:
     """Rows of the paper's tangent figure for one trajectory (or a few), at the noise levels ts.
 
     x_0, eps: [N, C, H, W] (N = 1 for the figure); r = ECT's r(t) from `schedule` (default: the AYT
@@ -183,14 +183,16 @@ def tangent_grid(net: Callable, x_0: Tensor, eps: Tensor, ts: Sequence[float],
       'x_t'            x_0 + t eps
       'f'              f(x_t, t)
       'cm_tangent'     discrete CM tangent (f(x_t, t) - f(x_r, r)) / (t - r)
-      'cm_tangent_jvp' continuous CM tangent d/dt f(x_0 + t eps, t)
+      'cm_tangent_jvp' continuous CM tangent d/dt f(x_0 + t eps, t) (only when `jvp`: a forward-mode
+                       pass, several times the cost of the other rows together)
       'cm_direction'   ECT's update direction -w (D_t - D_r)/||D_t - D_r||
       'ayt_direction'  AYT's update direction -w g (only when `distance` is given)
     """
     _check_pair(x_0, eps)
     schedule = C.TRSchedule() if schedule is None else schedule
     stage = C.stage_at(schedule, it)
-    rows: dict[str, list[Tensor]] = {k: [] for k in ("x_t", "f", "cm_tangent", "cm_tangent_jvp", "cm_direction")}
+    rows: dict[str, list[Tensor]] = {k: [] for k in ("x_t", "f", "cm_tangent", "cm_tangent_jvp", "cm_direction")
+                                     if jvp or k != "cm_tangent_jvp"}
     if distance is not None:
         rows["ayt_direction"] = []
     n = x_0.shape[0]
@@ -204,7 +206,8 @@ def tangent_grid(net: Callable, x_0: Tensor, eps: Tensor, ts: Sequence[float],
         rows["x_t"].append(x_0 + _per_sample(t, x_0) * eps)
         rows["f"].append(D_t)
         rows["cm_tangent"].append((D_t - D_r) / _per_sample(t - r, x_0))
-        rows["cm_tangent_jvp"].append(continuous_tangent(net, x_0, eps, t, class_labels))
+        if jvp:
+            rows["cm_tangent_jvp"].append(continuous_tangent(net, x_0, eps, t, class_labels))
         rows["cm_direction"].append(cm_update_direction(D_t, D_r, w))
         if distance is not None:
             rows["ayt_direction"].append(ayt_tangent(distance, D_t, D_r, w))

@@ -1,17 +1,20 @@
 """Figures regenerated from results (run directories, results.json, tensors).
 
-Two kinds of functions:
-- general figures (notebooks 01-05 and the explorer): pure functions of data (or run directories)
-  that return a matplotlib Figure, written with `save_figure` (deterministic PNG/PDF bytes):
-  `image_grid`, `loss_curves`, `metric_vs_iterations` (the paper's Figure 1 layout),
-  `feature_r2_bars`, `augmentation_examples`, `ablation_bars`, `explore_figure`; with the small
-  readers `read_metrics`, `eval_curve`, `describe_run`, `collect_runs`, `group_runs`, `seed_band`,
-  `select_scale`, `final_values`, `ablation_values`, `feature_run_results`;
-- the tangent study (`plot_tangent_*`): take the results of ayt.analysis, write PNG files and
-  return their paths.
-Nothing here computes a number that is not already in the results. Figures are built with
-matplotlib's object API (`matplotlib.figure.Figure`, no pyplot state) or with the non-interactive Agg
-backend unless a backend was chosen before; rcParams change only inside `style()`.
+Every figure function is a pure function of data (or run directories) that returns a matplotlib
+Figure, built with matplotlib's object API (`matplotlib.figure.Figure`, no pyplot state, so any
+backend works); rcParams change only inside `style()`.
+- general figures (notebooks 01-05), written with `save_figure` (deterministic PNG/PDF bytes):
+  `image_grid`, `sample_grid` (pixel-exact, upscaled, titled by `sample_title`), `loss_curves`,
+  `metric_vs_iterations` (the paper's Figure 1 layout), `feature_r2_bars`, `augmentation_examples`,
+  `ablation_bars`; with the small readers `read_metrics`, `eval_curve`, `describe_run`,
+  `collect_runs`, `group_runs`, `seed_band`, `select_scale`, `final_values`, `ablation_values`,
+  `feature_run_results`;
+- the explorer: `explore_figure` (pixel-exact rows of images), `figure_png`;
+- the tangent study (results of ayt.analysis): `tangent_grid_figure`, `tangent_fractions_figure`,
+  `tangent_over_training_figure`, and the `plot_tangent_*` wrappers that write them as PNG files and
+  return their paths. The tangent figures plot one quantity, the tangent fraction (the share of an
+  update's energy in the manifold's tangent space).
+Nothing here computes a number that is not already in the results.
 """
 from __future__ import annotations
 
@@ -26,14 +29,6 @@ import numpy as np
 import torch
 
 PathLike = Union[str, Path]
-
-
-def _plt():
-    import matplotlib
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,6 +78,15 @@ def save_figure(fig, path: PathLike, pdf: bool = True, png: bool = True, dpi: in
     return out
 
 
+def figure_png(fig, dpi: Optional[int] = None) -> bytes:
+    """The PNG bytes of a figure at `dpi` (default: the figure's own), without timestamp or software
+    metadata."""
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi or fig.dpi, metadata={"Software": None})
+    return buf.getvalue()
+
+
 def _suptitle(fig, title: Optional[str]) -> None:
     """A figure title wrapped to the figure's width."""
     if title:
@@ -126,6 +130,79 @@ def image_grid(images: torch.Tensor, nrow: Optional[int] = None, title: Optional
     return fig
 
 
+def tile_images(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
+    """Images [N, C, H, W] in [-1, 1] as one array in [0, 1] with nrow images per row (default
+    ceil(sqrt(N))) and `pad` pixels of `pad_value` between and around them:
+    [rows (H + pad) + pad, nrow (W + pad) + pad] (C = 1) or [..., 3] (first three channels)."""
+    _check_images(images)
+    n, _, h, w = images.shape
+    if n == 0 or pad < 0:
+        raise ValueError(f"tile_images needs at least one image and pad >= 0 (got {n} images, pad {pad})")
+    ncol = nrow or int(math.ceil(math.sqrt(n)))
+    nr = int(math.ceil(n / ncol))
+    cells = [_hwc(img) for img in images]
+    out = np.full((nr * (h + pad) + pad, ncol * (w + pad) + pad) + cells[0].shape[2:], pad_value, dtype=np.float32)
+    for i, cell in enumerate(cells):
+        r, c = divmod(i, ncol)
+        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = cell
+    return out
+
+
+def sample_title(run: str, iteration: int, stage: str = "consistency", steps: int = 1, n: Optional[int] = None,
+                 seed: Optional[int] = None) -> str:
+    """'RUN @ iteration IT: 1-step samples (64, seed 0)' (diffusion runs: EDM Heun sampler)."""
+    sampler = f"{steps}-step" if stage == "consistency" else "EDM Heun"
+    extra = ", ".join(x for x in (f"{n} images" if n else "", f"seed {seed}" if seed is not None else "") if x)
+    return f"{run} @ iteration {iteration}: {sampler} samples" + (f" ({extra})" if extra else "")
+
+
+def _text_px(chars: int, font_pt: float, dpi: int) -> int:
+    """Rough width in pixels of `chars` characters of the figures' sans-serif font."""
+    return int(math.ceil(chars * 0.6 * font_pt * dpi / 72))
+
+
+def pixel_figure(canvas: np.ndarray, title: Optional[str] = None, dpi: int = 150,
+                 row_labels: Sequence[tuple[float, str]] = ()):
+    """A figure that shows `canvas` ([H, W] or [H, W, 3] in [0, 1]) pixel for pixel at `dpi` (so save
+    or render it at that dpi), with a wrapped title above it and, left of it, labels at given canvas
+    rows: row_labels [(y in canvas pixels, text)]. One axes, no resampling."""
+    from matplotlib.figure import Figure
+    h_px, w_px = canvas.shape[:2]
+    title_pt, label_pt = 9, 7
+    left_px = (_text_px(max(len(t) for _, t in row_labels), label_pt, dpi) + 12) if row_labels else 0
+    total_w = w_px + left_px
+    text = textwrap.fill(title, width=max(20, int(total_w / _text_px(1, title_pt, dpi)))) if title else ""
+    line_px = 1.45 * title_pt * dpi / 72
+    title_px = int(math.ceil((text.count("\n") + 1) * line_px + 0.5 * line_px)) if text else 0
+    total_h = h_px + title_px
+    with style():
+        fig = Figure(figsize=(total_w / dpi, total_h / dpi), dpi=dpi)
+        ax = fig.add_axes((left_px / total_w, 0, w_px / total_w, h_px / total_h))
+        ax.imshow(canvas, cmap="gray" if canvas.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest",
+                  resample=False)
+        ax.set_axis_off()
+        for y, label in row_labels:
+            fig.text((left_px - 6) / total_w, (h_px - y) / total_h, label, ha="right", va="center",
+                     fontsize=label_pt)
+        if text:
+            fig.text(0.5, 1 - 0.25 * line_px / total_h, text, ha="center", va="top", fontsize=title_pt)
+    return fig
+
+
+def _upscale(canvas: np.ndarray, min_width: int) -> np.ndarray:
+    """`canvas` with every pixel repeated by the smallest integer factor making it >= min_width wide."""
+    scale = max(1, int(math.ceil(min_width / canvas.shape[1])))
+    return canvas.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else canvas
+
+
+def sample_grid(images: torch.Tensor, title: str, nrow: Optional[int] = None, min_width: int = 512,
+                dpi: int = 150):
+    """A sample grid drawn pixel-exact (`pixel_figure`): the tiled images (`tile_images`) upscaled by
+    the smallest integer factor that makes the grid at least min_width pixels wide (nearest
+    neighbour), under a title (e.g. `sample_title`). Save it at `dpi` (`save_figure`'s default 150)."""
+    return pixel_figure(_upscale(tile_images(images, nrow), min_width), title, dpi)
+
+
 def read_metrics(run_dir: PathLike) -> list[dict]:
     """The records of <run_dir>/metrics.jsonl (one dict per logged step; empty list if absent)."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -141,7 +218,7 @@ def loss_curves(runs: Union[PathLike, Sequence[PathLike], dict], keys: Optional[
                 logy: bool = True, title: Optional[str] = None):
     """Logged training quantities vs iteration, one panel per key (default: every logged key except
     iteration, lr, it_per_s, time_s and eval entries), one line per run; logy: log scale for
-    positive quantities that span more than a factor of 10.
+    positive quantities that span more than a factor of 10 (those panels' titles say "(log scale)").
 
     runs: a run directory, a list of them, or {label: run_dir or list of metrics records}."""
     if isinstance(runs, (str, Path)):
@@ -171,7 +248,7 @@ def loss_curves(runs: Union[PathLike, Sequence[PathLike], dict], keys: Optional[
                     ax.plot(x, y, color=f"C{i}", lw=1, label=label)
                     if logy and min(y) > 0 and max(y) > 10 * min(y):   # log scale only over > 1 decade
                         ax.set_yscale("log")
-            ax.set_title(key)
+            ax.set_title(key + (" (log scale)" if ax.get_yscale() == "log" else ""))
             ax.set_xlabel("iteration")
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()
@@ -285,11 +362,17 @@ def seed_band(curves: Sequence[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return np.array(its, dtype=np.float64), vals.mean(0), vals.min(0), vals.max(0)
 
 
+def seeds_text(k: int) -> str:
+    """'1 seed', '3 seeds'."""
+    return f"{k} seed" + ("" if k == 1 else "s")
+
+
 def metric_vs_iterations(runs: Sequence[dict], metric_label: str = "FID", logx: bool = False,
                          logy: bool = False, title: Optional[str] = None, best_lr: bool = True):
     """The paper's Figure 1 layout: one panel per batch size, the metric vs training iterations for
     each method (ECT, AYT, ...); runs of one group (same method, batch, lr; different seeds) are
-    drawn as their mean with a min-max band and "(n seeds)" in the legend.
+    drawn as their mean with a min-max band; every legend entry and panel title names its number of
+    seeds ("1 seed" for a single run, no band).
 
     runs: `describe_run` dicts (or any dicts with method, batch, lr, seed, curve). best_lr: per method
     and batch size, draw only the learning rate with the lowest final mean (the chosen one).
@@ -318,11 +401,12 @@ def metric_vs_iterations(runs: Sequence[dict], metric_label: str = "FID", logx: 
                 members = groups[key]
                 its, mean, lo, hi = seed_band([m["curve"] for m in members])
                 st = METHOD_STYLES.get(key[0], dict(color=f"C{(i + 6) % 10}", ls="-"))
-                label = f"{key[0]} (lr {key[2]:g}" + (f", {len(members)} seeds)" if len(members) > 1 else ")")
+                label = f"{key[0]} (lr {key[2]:g}, {seeds_text(len(members))})"
                 ax.plot(its, mean, marker="o", ms=2.5, lw=1.2, label=label, **st)
                 if len(members) > 1:
                     ax.fill_between(its, lo, hi, color=st["color"], alpha=0.18, lw=0)
-            ax.set_title(f"batch size {batch}")
+            counts = {len(groups[k]) for k in keys}
+            ax.set_title(f"batch size {batch}" + (f" ({seeds_text(counts.pop())} each)" if len(counts) == 1 else ""))
             ax.set_xlabel("training iterations")
             if logx:
                 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
@@ -344,6 +428,17 @@ def metric_vs_iterations(runs: Sequence[dict], metric_label: str = "FID", logx: 
 
 # -- feature network -----------------------------------------------------------------------------
 
+R2_CLASSES = {"$R^2 \\geq 0.5$": "C2", "$0 \\leq R^2 < 0.5$": "C1", "$R^2 < 0$": "C3"}   # bar colours
+
+
+def r2_class(v: float) -> Optional[str]:
+    """The colour class (a key of R2_CLASSES) of one R^2 value; None for NaN (a constant label, 'n/a')."""
+    if np.isnan(v):
+        return None
+    names = list(R2_CLASSES)
+    return names[0] if v >= 0.5 else names[1] if v >= 0 else names[2]
+
+
 def feature_r2_bars(r2: dict[str, float], labels: Optional[Sequence[str]] = None, title: Optional[str] = None):
     """Per-label R^2 of a feature network's label regression (results.json['feature_net']['r2']), in
     the order of `labels` (e.g. results.json['feature_net']['labels']; default: r2's order);
@@ -360,13 +455,17 @@ def feature_r2_bars(r2: dict[str, float], labels: Optional[Sequence[str]] = None
         ax = axes[0][0]
         x = np.arange(len(names))
         shown = np.nan_to_num(vals, nan=0.0)
-        ax.bar(x, shown, color=["C2" if v >= 0.5 else "C1" if v >= 0 else "C3" for v in shown])
+        classes = [r2_class(v) for v in vals]
+        ax.bar(x, shown, color=[R2_CLASSES.get(c, "0.6") for c in classes])
+        from matplotlib.patches import Patch
+        ax.legend(handles=[Patch(color=R2_CLASSES[c], label=c) for c in R2_CLASSES if c in classes],
+                  loc="upper right", fontsize=6)
         for xi, v in zip(x, vals):
             ax.annotate("n/a" if np.isnan(v) else f"{v:.2f}", (xi, max(0.0, 0 if np.isnan(v) else v)),
                         ha="center", va="bottom", fontsize=6, xytext=(0, 1), textcoords="offset points")
         ax.set_xticks(x, names, rotation=60, ha="right")
         ax.axhline(0, color="k", lw=0.5)
-        ax.set_ylim(min(-0.05, np.nanmin(vals) - 0.05 if np.isfinite(vals).any() else 0), 1.1)
+        ax.set_ylim(min(-0.05, np.nanmin(vals) - 0.05 if np.isfinite(vals).any() else 0), 1.25)
         ax.set_ylabel("$R^2$ (held-out augmentations)")
         ax.set_title(title or "feature network: per-label regression quality")
         fig.tight_layout()
@@ -445,17 +544,25 @@ def ablation_bars(values: dict[str, Union[float, Sequence[float]]], ylabel: str 
     return fig
 
 
+def run_family(names: Sequence[str]) -> str:
+    """What a set of runs is, from their names' first word: 'mini study' (mini-*), 'demo' (demo-*),
+    else the distinct first words joined ('disk', 'my')."""
+    words = sorted({str(n).split("-")[0] for n in names})
+    return ", ".join({"mini": "mini study"}.get(w, w) for w in words)
+
+
 def select_scale(runs: Sequence[dict]) -> tuple[list[dict], str]:
     """The runs a paper figure should use, and what they are: paper-scale runs (any data other than
-    the built-in shapes / disk) when there are some, else the mini-study runs on the shapes data,
-    with the note "mini study, shapes <R>px, CPU" to put in the figure's title."""
+    the built-in shapes / disk) when there are some, else the runs on the shapes data, with a note for
+    the figure's title taken from the runs themselves: "<family>, shapes <R>px" (`run_family` of their
+    names, e.g. "mini study, shapes 16px" or "demo, shapes 16px") or "<data> <R>px"."""
     paper = [r for r in runs if r["data"] not in ("shapes", "disk")]
     if paper:
         res = sorted({f"{r['data']} {r['resolution']}px" for r in paper})
         return paper, ", ".join(res)
     mini = [r for r in runs if r["data"] == "shapes"]
     res = sorted({r["resolution"] for r in mini})
-    return mini, ("mini study, shapes " + "/".join(f"{x}px" for x in res) + ", CPU") if mini else ""
+    return mini, (f"{run_family([r['name'] for r in mini])}, shapes " + "/".join(f"{x}px" for x in res)) if mini else ""
 
 
 def final_values(runs: Sequence[dict]) -> tuple[Optional[int], list[float]]:
@@ -501,37 +608,34 @@ def ablation_values(runs: Sequence[dict], kind: str) -> tuple[dict[str, list[flo
 
 # -- explorer ------------------------------------------------------------------------------------
 
-def explore_figure(panels: dict[str, torch.Tensor], title: Optional[str] = None, cell: float = 0.75):
-    """Rows of images for the explorer (samples, x_t, f(x_t, t), tangents): panels {row label: [N, C, H, W]}.
-    Rows whose label contains 'tangent' or 'direction' are signed vectors, scaled per image by the
-    largest |entry| (grey = 0); the other rows are images in [-1, 1]."""
+def explore_figure(panels: dict[str, torch.Tensor], title: Optional[str] = None, cell_px: int = 64,
+                   dpi: int = 150):
+    """Rows of images for the explorer (samples, x_t, f(x_t, t), tangents): panels {row label: [N, C, H, W]},
+    drawn pixel-exact as one canvas with the row labels on the left (`pixel_figure`; render or save it
+    at `dpi`), each image pixel repeated by the smallest integer factor that makes an image at least
+    cell_px pixels high. Rows whose label contains 'tangent' or 'direction' are signed vectors,
+    scaled per image by the largest |entry| (grey = 0); the other rows are images in [-1, 1]."""
     if not panels:
         raise ValueError("explore_figure needs at least one row")
     for k, v in panels.items():
         _check_images(v, k)
+        if v.shape[0] == 0:
+            raise ValueError(f"explore_figure: row {k!r} has no images")
     ncol = max(v.shape[0] for v in panels.values())
-    with style():
-        fig, axes = _new_figure(len(panels), ncol, figsize=(cell * ncol + 1.0, cell * len(panels) + 0.4))
-        for i, (label, imgs) in enumerate(panels.items()):
-            signed = "tangent" in label or "direction" in label
-            for j in range(ncol):
-                ax = axes[i][j]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.grid(False)
-                for s in ax.spines.values():
-                    s.set_visible(False)
-                if j >= imgs.shape[0]:
-                    continue
-                img = imgs[j].detach().float().cpu()
-                if signed:
-                    img = img / img.abs().max().clamp_min(1e-12)
-                ax.imshow(_hwc(img), vmin=0, vmax=1, interpolation="nearest",
-                          cmap="gray" if img.shape[0] == 1 else None)
-            axes[i][0].set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")
-        _suptitle(fig, title)
-        fig.tight_layout()
-    return fig
+    rows, centers, y = [], [], 0
+    for label, imgs in panels.items():
+        imgs = imgs.detach().float().cpu()
+        if "tangent" in label or "direction" in label:
+            imgs = imgs / imgs.flatten(1).abs().amax(1).clamp_min(1e-12)[:, None, None, None]
+        tile = tile_images(imgs, ncol)              # [H + 4, ncol (W + 2) + 2 (, 3)], whatever N <= ncol
+        rows.append(tile)
+        centers.append(y + tile.shape[0] / 2)
+        y += tile.shape[0]
+    canvas = np.concatenate(rows, axis=0)
+    height = max(v.shape[2] for v in panels.values())
+    scale = max(1, int(math.ceil(cell_px / height)))
+    big = canvas.repeat(scale, axis=0).repeat(scale, axis=1)
+    return pixel_figure(big, title, dpi, [(c * scale, label) for c, label in zip(centers, panels)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,17 +657,23 @@ def _to_rgb(img: torch.Tensor, signed: bool) -> "torch.Tensor":
 def plot_tangent_grid(grid: dict, path: PathLike, sample: int = 0,
                       rows: Sequence[str] = ("x_t", "f", "cm_direction", "ayt_direction"),
                       title: Optional[str] = None) -> Path:
+    """`tangent_grid_figure` written to `path` (PNG); returns the path."""
+    return _save(tangent_grid_figure(grid, sample, rows, title), path)
+
+
+def tangent_grid_figure(grid: dict, sample: int = 0,
+                        rows: Sequence[str] = ("x_t", "f", "cm_direction", "ayt_direction"),
+                        title: Optional[str] = None):
     """The paper's tangent figure: one row per quantity of `ayt.analysis.tangent_grid`, one column per t.
 
     Images (x_t, f) are shown in [-1, 1]; tangents and update directions are scaled per cell by their
-    largest absolute entry (grey = 0). Rows missing from `grid` are skipped. Returns the PNG path.
+    largest absolute entry (grey = 0). Rows missing from `grid` are skipped.
     """
-    plt = _plt()
     rows = [r for r in rows if r in grid]
     ts = [float(t) for t in grid["ts"]]
     labels = {"x_t": "$x_t$", "f": "$f(x_t, t)$", "cm_tangent": "CM tangent", "cm_tangent_jvp": "CM tangent (JVP)",
               "cm_direction": "ECT update", "ayt_direction": "AYT update"}
-    fig, axes = plt.subplots(len(rows), len(ts), figsize=(1.1 * len(ts), 1.15 * len(rows)), squeeze=False)
+    fig, axes = _new_figure(len(rows), len(ts), figsize=(1.1 * len(ts), 1.15 * len(rows)))
     for i, row in enumerate(rows):
         for j, t in enumerate(ts):
             ax = axes[i][j]
@@ -578,17 +688,18 @@ def plot_tangent_grid(grid: dict, path: PathLike, sample: int = 0,
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------
 # Tangent studies (ayt.analysis.tangent_study / disk_study / shapes_study)
 
 _DIRS = {"cm": "ECT update", "ayt": "AYT update", "jvp": "-CM tangent (JVP)"}
+# Drawn in this order; the JVP tangent last and with its own marker, since it often lies on the ECT line.
+_DIR_STYLES = {"cm": dict(ls="-", marker="o", ms=3.5, zorder=2), "ayt": dict(ls="--", marker="s", ms=3, zorder=2),
+               "jvp": dict(ls=":", marker="x", ms=5, zorder=3)}
+TANGENT_LABEL = "fraction of update energy in the tangent space"
+MIN_CHECKPOINTS_OVER_TRAINING = 3     # successive-update cosines need f_{k-1}, f_k, f_{k+1}
 
 
 def _study_title(res: dict) -> str:
@@ -596,46 +707,97 @@ def _study_title(res: dict) -> str:
     return what.get(res.get("study"), "tangent study")
 
 
+def coincide(a: Sequence[float], b: Sequence[float], tol: float = 0.01) -> bool:
+    """Whether two curves lie on each other in a plot (every |a - b| <= tol)."""
+    return len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b))
+
+
+def direction_curves(run: dict, ts: Sequence[float], measure: str, checkpoint: int = -1) -> dict[str, list[float]]:
+    """{direction: [value at each t]} of one run of a tangent study at one checkpoint, for the
+    directions of _DIRS present (measure: 'tangent_fraction', 'toward_cosine', ...)."""
+    per_t = run["per_t"]
+    first = per_t[f"{ts[0]:g}"]
+    return {k: [per_t[f"{t:g}"][k][measure][checkpoint] for t in ts] for k in _DIRS
+            if k in first and measure in first[k]}
+
+
+def direction_labels(name: str, curves: dict[str, list[float]]) -> dict[str, str]:
+    """Legend labels of one run's direction curves; a curve that lies on the ECT curve says so."""
+    out = {}
+    for k in curves:
+        lab = f"{name} run: {_DIRS[k]}"
+        if k != "cm" and "cm" in curves and coincide(curves[k], curves["cm"]):
+            lab += " (coincides with ECT update)"
+        out[k] = lab
+    return out
+
+
 def plot_tangent_fractions_vs_t(res: dict, path: PathLike, checkpoint: int = -1) -> Path:
-    """Normal fraction (and, where computed, the toward-manifold cosine) of each update direction vs t,
-    at one checkpoint (default: the last); one line per (run, direction)."""
-    plt = _plt()
+    """`tangent_fractions_figure` written to `path` (PNG); returns the path."""
+    return _save(tangent_fractions_figure(res, checkpoint), path)
+
+
+def tangent_fractions_figure(res: dict, checkpoint: int = -1):
+    """Tangent fraction (the share of ||u||^2 in the manifold's tangent space; and, where computed, the
+    toward-manifold cosine) of each update direction vs t, at one checkpoint (default: the last); one
+    line per (run, direction), each direction with its own line style and marker, and a legend entry
+    for every line (a line lying on the ECT line says so)."""
     ts = res["ts"]
     first = next(iter(res["runs"].values()))
     toward = "toward_cosine" in first["per_t"][f"{ts[0]:g}"]["cm"]
-    fig, axes = plt.subplots(1, 2 if toward else 1, figsize=(10 if toward else 5.5, 3.6), squeeze=False)
+    fig, axes = _new_figure(1, 2 if toward else 1, figsize=(11 if toward else 6, 4.6))
     axes = axes[0]
-    styles = {"cm": "-", "ayt": "--", "jvp": ":"}
+    panels = [("tangent_fraction", axes[0])] + ([("toward_cosine", axes[1])] if toward else [])
     for ri, (name, run) in enumerate(res["runs"].items()):
-        for k, ls in styles.items():
-            lab = f"{name} run: {_DIRS[k]}"
-            nf = [run["per_t"][f"{t:g}"][k]["normal_fraction"][checkpoint] for t in ts]
-            axes[0].plot(ts, nf, ls, color=f"C{ri}", marker="o", ms=3, label=lab)
-            if toward:
-                tc = [run["per_t"][f"{t:g}"][k]["toward_cosine"][checkpoint] for t in ts]
-                axes[1].plot(ts, tc, ls, color=f"C{ri}", marker="o", ms=3, label=lab)
-    axes[0].set_ylabel("fraction of ||u||$^2$ normal to the manifold")
+        for measure, ax in panels:
+            curves = direction_curves(run, ts, measure, checkpoint)
+            labels = direction_labels(name, curves)
+            for k, ys in curves.items():
+                ax.plot(ts, ys, color=f"C{ri}", label=labels[k], **_DIR_STYLES[k])
+    axes[0].set_ylabel(TANGENT_LABEL)
     axes[0].set_ylim(-0.02, 1.02)
     if toward:
-        axes[1].set_ylabel("cos(u, proj(f) - f)")
+        axes[1].set_ylabel("cos(u, proj(f) - f)  (toward the manifold)")
         axes[1].set_ylim(-1.02, 1.02)
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("t")
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=6, loc="best")
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)   # below: hides no line
     fig.suptitle(f"{_study_title(res)}: update directions at iteration {first['iterations'][checkpoint]} "
                  f"({res['which']} weights)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
+
+
+def over_training_note(res: dict) -> Optional[str]:
+    """Why the over-training figure of a tangent study cannot be drawn (None when it can): every run
+    needs at least MIN_CHECKPOINTS_OVER_TRAINING checkpoints."""
+    short = {name: run["iterations"] for name, run in res["runs"].items()
+             if len(run["iterations"]) < MIN_CHECKPOINTS_OVER_TRAINING}
+    if not short:
+        return None
+    which = "; ".join(f"run {name!r} has {len(its)} (iterations {its})" for name, its in short.items())
+    return (f"{_study_title(res)}: the over-training figure needs at least {MIN_CHECKPOINTS_OVER_TRAINING} "
+            f"checkpoints per run (successive output updates f_(k+1) - f_k and f_k - f_(k-1)); {which}. "
+            "Train with a smaller ckpt_every (and keep_checkpoints=true) to draw it.")
 
 
 def plot_tangent_over_training(res: dict, path: PathLike, ts: Optional[Sequence[float]] = None) -> Path:
+    """`tangent_over_training_figure` written to `path` (PNG); returns the path."""
+    return _save(tangent_over_training_figure(res, ts), path)
+
+
+def tangent_over_training_figure(res: dict, ts: Optional[Sequence[float]] = None):
     """Over training: tangent fraction of the ECT and AYT update directions (mean over ts), the
-    oscillation cosine of successive output updates, and the tangent fraction of the realised updates."""
-    plt = _plt()
+    oscillation cosine of successive output updates, and the tangent fraction of the realised updates.
+    ValueError (`over_training_note`) when a run has fewer than 3 checkpoints."""
+    note = over_training_note(res)
+    if note:
+        raise ValueError(note)
     ts = list(res["ts"] if ts is None else ts)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = _new_figure(1, 3, figsize=(13, 3.8))
+    axes = axes[0]
     for ri, (name, run) in enumerate(res["runs"].items()):
         color = f"C{ri}"
         recs = [run["per_t"][f"{t:g}"] for t in ts]
@@ -643,21 +805,24 @@ def plot_tangent_over_training(res: dict, path: PathLike, ts: Optional[Sequence[
         def mean_over_t(values):
             return [sum(col) / len(col) for col in zip(*values)]
 
-        for k, ls in (("cm", "-"), ("ayt", "--")):
-            axes[0].plot(run["iterations"], mean_over_t([r[k]["tangent_fraction"] for r in recs]), ls, color=color,
-                         label=f"{name} run: {_DIRS[k]}")
-        if all("oscillation" in r for r in recs):
-            o = recs[0]["oscillation"]
-            axes[1].plot(o["iterations"], mean_over_t([r["oscillation"]["cosine"] for r in recs]), color=color,
-                         label=f"{name} run")
-            axes[2].plot(o["update_iterations"],
-                         mean_over_t([r["oscillation"]["update_tangent_fraction"] for r in recs]), color=color,
-                         label=f"{name} run")
-    axes[0].set_ylabel("tangent fraction of update direction")
+        for k in ("cm", "ayt"):
+            st = {**_DIR_STYLES[k], "marker": None}
+            axes[0].plot(run["iterations"], mean_over_t([r[k]["tangent_fraction"] for r in recs]), color=color,
+                         label=f"{name} run: {_DIRS[k]}", **st)
+        o = recs[0]["oscillation"]
+        axes[1].plot(o["iterations"], mean_over_t([r["oscillation"]["cosine"] for r in recs]), color=color,
+                     label=f"{name} run")
+        axes[2].plot(o["update_iterations"],
+                     mean_over_t([r["oscillation"]["update_tangent_fraction"] for r in recs]), color=color,
+                     label=f"{name} run")
+    axes[0].set_title("update directions")
+    axes[0].set_ylabel(TANGENT_LABEL)
+    axes[1].set_title("oscillation of the output")
     axes[1].set_ylabel("cos(successive output updates)")
     axes[1].axhline(0, color="k", lw=0.5)
     axes[1].axhline(-0.5, color="k", lw=0.5, ls=":")
-    axes[2].set_ylabel("tangent fraction of realised update")
+    axes[2].set_title("realised updates $f_{k+1} - f_k$")
+    axes[2].set_ylabel(TANGENT_LABEL)
     for ax in axes:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
@@ -665,21 +830,23 @@ def plot_tangent_over_training(res: dict, path: PathLike, ts: Optional[Sequence[
     fig.suptitle(f"{_study_title(res)}: means over t in {ts} ({res['which']} weights; dotted: -1/2, "
                  "independent jitter)", fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_tangent_study(res: dict, out_dir: PathLike) -> list[Path]:
-    """Every figure of a tangent study into out_dir: <study>_fractions_vs_t.png, <study>_over_training.png."""
+    """Every figure of a tangent study into out_dir: <study>_fractions_vs_t.png and, when every run has
+    at least 3 checkpoints (`over_training_note` says why not), <study>_over_training.png."""
     out_dir = Path(out_dir)
     prefix = res.get("study", "tangent")
-    return [plot_tangent_fractions_vs_t(res, out_dir / f"{prefix}_fractions_vs_t.png"),
-            plot_tangent_over_training(res, out_dir / f"{prefix}_over_training.png")]
+    out = [plot_tangent_fractions_vs_t(res, out_dir / f"{prefix}_fractions_vs_t.png")]
+    if over_training_note(res) is None:
+        out.append(plot_tangent_over_training(res, out_dir / f"{prefix}_over_training.png"))
+    return out
 
 
-def _save(fig, path: PathLike) -> Path:
-    plt = _plt()
+def _save(fig, path: PathLike, dpi: int = 150) -> Path:
+    """Write a figure to a PNG file (no metadata); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    fig.savefig(path, dpi=dpi, metadata={"Software": None})
     return path

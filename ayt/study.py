@@ -206,9 +206,10 @@ def summarize(root: Path) -> dict:
 
 
 def sample_figures(root: Path, figures_dir: Path, n: int = 64, seed: int = 0) -> list[Path]:
-    """1- and 2-step sample grids of the chosen ECT and AYT runs (same noise for both)."""
+    """1- and 2-step sample grids of the chosen ECT and AYT runs (same noise for both), upscaled and
+    titled with run, iteration and sampler (`ayt.plotting.sample_grid`)."""
     import torch
-    import torchvision
+    from .plotting import sample_grid, sample_title, save_figure
     from .sampling import generate
     from .train import load_run_model
     out = []
@@ -217,10 +218,9 @@ def sample_figures(root: Path, figures_dir: Path, n: int = 64, seed: int = 0) ->
         for steps in (1, 2):
             x = generate(net, cfg.stage, n, state["img_channels"], cfg.data.resolution, state["label_dim"], seed,
                          torch.device("cpu"), steps=steps)
-            path = Path(figures_dir) / f"samples_mini_{method}_{steps}step.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torchvision.utils.save_image((x + 1) / 2, str(path), nrow=8)
-            out.append(path)
+            title = sample_title(run.name, state["iteration"], cfg.stage, steps, n, seed)
+            out += save_figure(sample_grid(x, title, nrow=8), Path(figures_dir) / f"samples_mini_{method}_{steps}step",
+                               pdf=False)
     return out
 
 
