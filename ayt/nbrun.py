@@ -185,7 +185,8 @@ def run_notebook(notebook: PathLike, parameters: Optional[dict[str, Any]] = None
     parameters: {name: value}; strings are converted to the declared types, unknown names raise
     NotebookError. cwd: the kernel's working directory (default: the current one). A failing cell
     raises papermill's PapermillExecutionError (the executed copy, with the error, is still written;
-    its path is the exception's `executed_copy`; `failure_summary` turns it into one line).
+    its path is the exception's `executed_copy`, the failing cell's 1-based position in the source
+    notebook its `source_cell`; `failure_summary` turns it into one line).
     """
     try:
         import papermill
@@ -207,6 +208,7 @@ def run_notebook(notebook: PathLike, parameters: Optional[dict[str, Any]] = None
                                    cwd=str(cwd or os.getcwd()), log_output=log_output, progress_bar=False)
     except papermill.PapermillExecutionError as e:
         e.executed_copy = out       # where the copy with the failing cell's output was written
+        e.source_cell = source_cell_number(notebook, e.cell_index, injected=bool(values))
         raise
     return out
 
@@ -227,20 +229,19 @@ def _stream_papermill_log() -> None:
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def source_cell_number(notebook: PathLike, executed_index: int) -> int:
+def source_cell_number(notebook: PathLike, executed_index: int, injected: bool = True) -> int:
     """The 1-based position in the source notebook of cell `executed_index` (0-based) of papermill's
-    executed copy, which holds one extra cell (the injected parameters) right after the parameters cell."""
+    executed copy, which holds one extra cell (the injected parameters, when parameters were given)
+    right after the parameters cell."""
     params_index, _ = parameters_cell(json.loads(Path(notebook).read_text()))
-    return executed_index + (0 if executed_index <= params_index else -1) + 1
+    return executed_index + (-1 if injected and executed_index > params_index else 0) + 1
 
 
 def failure_summary(notebook: PathLike, error: Any) -> str:
     """One line naming the notebook, the failing cell and the error of a PapermillExecutionError-like
-    `error` (attributes cell_index, exec_count, ename, evalue)."""
-    try:
-        cell = f"cell {source_cell_number(notebook, int(error.cell_index))}"
-    except (OSError, ValueError, NotebookError):
-        cell = f"cell index {error.cell_index} of the executed copy"
+    `error` (attributes cell_index, exec_count, ename, evalue; `source_cell` as `run_notebook` sets it)."""
+    number = getattr(error, "source_cell", None)
+    cell = f"cell {number}" if number else f"cell index {error.cell_index} of the executed copy"
     message = _ANSI.sub("", str(error.evalue or "")).strip().splitlines()
     return f"notebook {notebook} failed in {cell} (In [{error.exec_count}]): {error.ename}" + \
         (f": {message[0]}" if message else "")

@@ -42,7 +42,7 @@ def test_expected_notebooks_exist():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_source_notebook_is_clean(path):
-    from ayt.notebook import parse_parameters
+    from ayt.nbrun import parse_parameters
     nb = _load(path)
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
@@ -61,8 +61,9 @@ def test_source_notebook_is_clean(path):
     assert lines and all(PARAM_LINE.match(l) for l in lines), [l for l in lines if not PARAM_LINE.match(l)]
     params = parse_parameters(src)
     assert len(params) == len(lines)
-    # conventions: figures and run root are parameters, widgets only behind `interactive`
-    assert "figures_dir" in params
+    # conventions: figures and run root are parameters, figures go under runs/notebooks/<notebook>/ unless
+    # told otherwise (only `make figures` writes figures/), widgets only behind `interactive`
+    assert params["figures_dir"].default == f"runs/notebooks/{path.stem}/figures"
     assert params.get("run_root") is None or params["run_root"].default == "runs"
     if path.stem == "explore":
         assert params["interactive"].default is False and params["interactive"].type == "bool"
@@ -71,7 +72,7 @@ def test_source_notebook_is_clean(path):
 
 
 def test_parse_parameters_rules():
-    from ayt.notebook import NotebookError, Parameter, convert_value, parse_parameters, resolve_parameters
+    from ayt.nbrun import NotebookError, Parameter, convert_value, parse_parameters, resolve_parameters
     p = parse_parameters('a: int = -1  # x\n\nb: float = 2  # y\nc: str = "s"  # z\nd: bool = False  # w\n')
     assert p["a"] == Parameter("a", "int", -1, "x")
     assert p["b"].default == 2.0 and isinstance(p["b"].default, float)
@@ -146,9 +147,11 @@ def test_figure_functions_validate_and_summarise():
     values, it = P.ablation_values(runs, "aug_set")
     assert it == 200 and values == {"deg": [2.0], "geo": [3.0, 4.0]}
     assert P.ablation_values(runs, "distance") == ({}, None)
-    sel, note = P.select_scale([{"data": "shapes", "resolution": 16}, {"data": "disk", "resolution": 1}])
-    assert note == "mini study, shapes 16px, CPU" and len(sel) == 1
-    sel, note = P.select_scale([{"data": "shapes", "resolution": 16}, {"data": "cifar10", "resolution": 32}])
+    sel, note = P.select_scale([{"name": "mini-ayt-lr0.0005-bs16-s0", "data": "shapes", "resolution": 16},
+                                {"name": "disk-ayt", "data": "disk", "resolution": 1}])
+    assert note == "mini study, shapes 16px" and len(sel) == 1
+    sel, note = P.select_scale([{"name": "mini-ayt", "data": "shapes", "resolution": 16},
+                                {"name": "cifar10-ayt", "data": "cifar10", "resolution": 32}])
     assert note == "cifar10 32px" and [r["data"] for r in sel] == ["cifar10"]
 
 
@@ -180,21 +183,54 @@ def kernel():
     return "python3"
 
 
-def test_runner_exits_nonzero_on_failing_cell(tmp_path, kernel):
-    cells = [{"cell_type": "code", "id": "p", "metadata": {"tags": ["parameters"]}, "execution_count": None,
-              "outputs": [], "source": ["x: int = 1  # a number"]},
-             {"cell_type": "code", "id": "b", "metadata": {}, "execution_count": None, "outputs": [],
-              "source": ["raise RuntimeError(f'boom {x * 2}')"]}]
-    nb = tmp_path / "fails.ipynb"
-    nb.write_text(json.dumps({"cells": cells, "metadata": {"kernelspec": {"name": "python3", "language": "python",
-                                                                          "display_name": "Python 3"}},
-                              "nbformat": 4, "nbformat_minor": 5}))
+def _notebook(path: Path, *sources: str) -> Path:
+    """A notebook of a markdown cell, a parameters cell and code cells."""
+    cells = [{"cell_type": "markdown", "id": "m", "metadata": {}, "source": ["# a test notebook"]},
+             {"cell_type": "code", "id": "p", "metadata": {"tags": ["parameters"]}, "execution_count": None,
+              "outputs": [], "source": ["x: int = 1  # a number"]}]
+    cells += [{"cell_type": "code", "id": f"c{i}", "metadata": {}, "execution_count": None, "outputs": [],
+               "source": [src]} for i, src in enumerate(sources)]
+    path.write_text(json.dumps({"cells": cells, "metadata": {"kernelspec": {"name": "python3", "language": "python",
+                                                                            "display_name": "Python 3"}},
+                                "nbformat": 4, "nbformat_minor": 5}))
+    return path
+
+
+def test_runner_exits_nonzero_on_failing_cell_and_ends_with_a_one_line_summary(tmp_path, kernel):
+    nb = _notebook(tmp_path / "fails.ipynb", "y = x + 1", "raise RuntimeError(f'boom {x * 2}\\nsecond line')",
+                   "print('never')")
     r = _cli(nb, "-p", "x", "21", "--out-dir", tmp_path / "out", "--name", "t", "--quiet", cwd=tmp_path)
     assert r.returncode == 1, r.stderr
-    assert "RuntimeError" in r.stderr and "boom 42" in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert "RuntimeError" in "\n".join(lines[:-2]) and "second line" in r.stderr     # the traceback comes first
+    assert f"{tmp_path / 'out' / 'fails-t.ipynb'}" in lines[-2]
+    # cells counted from 1 in the source notebook (markdown included; the injected cell not counted);
+    # In [4]: parameters, injected parameters, y = x + 1, then the failing cell
+    assert lines[-1] == f"notebook {nb} failed in cell 4 (In [4]): RuntimeError: boom 42"
     executed = _load(tmp_path / "out" / "fails-t.ipynb")
     assert any("injected-parameters" in c["metadata"].get("tags", []) for c in executed["cells"])
     assert nb.read_text().count("injected") == 0, "the source notebook must not be modified"
+
+
+def test_failure_summary_names_the_source_cell(tmp_path, kernel):
+    from types import SimpleNamespace
+    from papermill import PapermillExecutionError
+    from ayt.nbrun import failure_summary, run_notebook, source_cell_number
+    nb = _notebook(tmp_path / "n.ipynb", "a = 1", "b = 2")
+    # executed copy: [markdown, parameters, (injected parameters,) a = 1, b = 2]
+    assert [source_cell_number(nb, i) for i in (0, 1, 3, 4)] == [1, 2, 3, 4]
+    assert [source_cell_number(nb, i, injected=False) for i in (0, 1, 2, 3)] == [1, 2, 3, 4]
+    err = SimpleNamespace(cell_index=4, exec_count=7, ename="ValueError", evalue="\x1b[31mbad value\x1b[0m\nmore",
+                          source_cell=4)
+    assert failure_summary(nb, err) == f"notebook {nb} failed in cell 4 (In [7]): ValueError: bad value"
+    err = SimpleNamespace(cell_index=3, exec_count=3, ename="KeyboardInterrupt", evalue="")
+    assert failure_summary(nb, err) == f"notebook {nb} failed in cell index 3 of the executed copy (In [3]): KeyboardInterrupt"
+    # without parameters papermill injects no cell: the numbering still names the source cell
+    nb = _notebook(tmp_path / "m.ipynb", "raise KeyError('k')")
+    with pytest.raises(PapermillExecutionError) as info:
+        run_notebook(nb, {}, out_dir=tmp_path / "out", name="t", cwd=tmp_path, log_output=False)
+    assert failure_summary(nb, info.value) == f"notebook {nb} failed in cell 3 (In [2]): KeyError: 'k'"
+    assert info.value.executed_copy == tmp_path / "out" / "m-t.ipynb"
 
 
 def test_launch_torchrun_streams_and_raises():
@@ -213,7 +249,7 @@ def test_launch_torchrun_streams_and_raises():
 # Headless runs of every notebook
 
 def _run(nb: str, tmp: Path, **params) -> Path:
-    from ayt.notebook import run_notebook
+    from ayt.nbrun import run_notebook
     old = {k: os.environ.get(k) for k in ENV}
     os.environ.update(ENV)  # inherited by the kernel
     try:
@@ -290,14 +326,33 @@ def test_02_consistency_training(pipeline):
         assert (tmp / "runs" / run / "results.json").is_file()
 
 
-def test_01_feature_network(tmp_path, kernel):
-    _run("01_feature_network", tmp_path, iters=2, n_examples=3, run_root="runs", figures_dir="figs", out_dir="out",
-         overrides="data.num_images=64 batch=16 feature.eval_images=64 log_every=1 ckpt_every=2")
-    res = _check_results(tmp_path / "out/results.json", min_numbers=30)
+def _tree(root: Path) -> dict:
+    """{relative path: (size, mtime_ns)} of every file under root."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def test_01_feature_network_writes_under_runs_notebooks_by_default(tmp_path, kernel):
+    """Run through the command line with the default figures_dir / out_dir, from a directory that has a
+    figures/ folder (as the repository does): nothing in figures/ may change; figures, results and the
+    executed copy land under runs/notebooks/."""
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "feature_net_augmentations.png").write_bytes(b"committed figure")
+    before, repo_before = _tree(tmp_path / "figures"), _tree(ROOT / "figures")
+    r = _cli(NB_DIR / "01_feature_network.ipynb", "-p", "iters", "2", "-p", "n_examples", "3", "--name", "t",
+             "--quiet", "-p", "overrides", "data.num_images=64 batch=16 feature.eval_images=64 log_every=1 ckpt_every=2",
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert _tree(tmp_path / "figures") == before and _tree(ROOT / "figures") == repo_before
+    out = tmp_path / "runs/notebooks/01_feature_network"
+    assert (tmp_path / "runs/notebooks/01_feature_network-t.ipynb").is_file()
+    res = _check_results(out / "results.json", min_numbers=30)
     fq = res["feature_net"]
     assert len(fq["labels"]) == 15 and set(fq["r2"]) == set(fq["labels"])
     assert set(res["figure_examples_mean_abs_error"]) == set(fq["labels"])
-    _check_figures(tmp_path / "figs", ["feature_net_r2", "feature_net_augmentations"])
+    _check_figures(out / "figures", ["feature_net_r2", "feature_net_augmentations"])
+    assert sorted(res["figures"]) == sorted(str(Path("runs/notebooks/01_feature_network/figures") / f)
+                                            for f in ("feature_net_r2.png", "feature_net_r2.pdf",
+                                                      "feature_net_augmentations.png", "feature_net_augmentations.pdf"))
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +410,7 @@ def test_05_paper_figures(pipeline, evaluated, tangents):
     tmp = pipeline["tmp"]
     _run("05_paper_figures", tmp, run_root="runs", tangent_dir=str(tangents), figures_dir="paper", out_dir="out/05")
     res = _check_results(tmp / "out/05/results.json", min_numbers=10)
-    assert res["1step"]["scale"] == "mini study, shapes 16px, CPU"   # no paper-scale runs: the title says so
+    assert res["1step"]["scale"] == "demo, shapes 16px"   # no paper-scale runs: the title says what the runs are
     assert set(res["1step"]["runs"]) == {"demo-ayt", "demo-ect"}
     assert set(res["tangent_disk"]) == {"ect", "ayt"}
     assert "ablation_distance" not in res and "ablation_aug_set" not in res   # no such runs: skipped with a note
@@ -371,13 +426,3 @@ def test_explore(pipeline):
     res = _check_results(tmp / "out/explore/results.json", min_numbers=5)
     assert set(res["mean_abs"]) == {"samples (2-step)", "x_t (t=2)", "f(x_t, t)", "CM tangent", "AYT direction"}
     _check_figures(tmp / "figures", ["explore_demo-ayt_t2"])
-
-
-def test_explorer_widget_builds(pipeline):
-    pytest.importorskip("ipywidgets")
-    from ayt.notebook import explorer
-    w = explorer([pipeline["ayt"], pipeline["ect"]], n=2)
-    run_w, ckpt_w = w.children[0].children
-    assert list(ckpt_w.options) == [1, 2, 3] and ckpt_w.value == 3
-    run_w.value = str(pipeline["ect"])     # switching runs re-reads the checkpoints and redraws
-    assert ckpt_w.value == 3
