@@ -10,8 +10,9 @@ Output, so it renders with any matplotlib backend and in the saved notebook).
 
 Interaction: one redraw per widget change (switching runs updates the checkpoint list without
 redrawing in between); loaded networks are kept per (run, checkpoint) in a small LRU cache, the
-run's training data and feature-net distance per run, so after the first load a change costs one
-sampling pass, one tangent grid and one figure.
+run's training data and feature-net distance per run, and the samples and tangent rows per widget
+values, so after the first load a change costs at most one sampling pass, one tangent grid and one
+figure (a change of t no sampling, a change of steps no tangents).
 """
 from __future__ import annotations
 
@@ -58,15 +59,25 @@ class LRUCache:
         return len(self._items)
 
 
+def sample_rows(loaded: LoadedCheckpoint, seed: int = 0, steps: int = 1, n: int = 8) -> dict:
+    """{'samples (k-step)': [n, C, H, W]}: the explorer's first row."""
+    return {f"samples ({steps}-step)": samples_from(loaded, n, seed, steps)}
+
+
+def tangent_rows(loaded: LoadedCheckpoint, dataset, distance, t: float = 1.0, seed: int = 0, n: int = 8) -> dict:
+    """The explorer's other rows for n training images at noise level t: x_t, f(x_t, t), the discrete CM
+    tangent, and AYT's update direction (the JVP tangent when `distance` is None). {label: [n, C, H, W]}."""
+    grid = tangent_grid_at(loaded, dataset, distance, [t], n=n, seed=seed, jvp=distance is None)
+    second = "ayt_direction" if "ayt_direction" in grid else "cm_tangent_jvp"
+    return {f"x_t (t={t:g})": grid["x_t"][0], "f(x_t, t)": grid["f"][0], "CM tangent": grid["cm_tangent"][0],
+            ("AYT direction" if second == "ayt_direction" else "CM tangent (JVP)"): grid[second][0]}
+
+
 def explore_panels_from(loaded: LoadedCheckpoint, dataset, distance, t: float = 1.0, seed: int = 0,
                         steps: int = 1, n: int = 8) -> dict:
     """The explorer's rows for a loaded consistency network: {label: [n, C, H, W]} (see the module doc).
     dataset: the run's training data (`ayt.train.build_dataset`); distance: `ayt.notebook.run_distance`."""
-    grid = tangent_grid_at(loaded, dataset, distance, [t], n=n, seed=seed, jvp=distance is None)
-    second = "ayt_direction" if "ayt_direction" in grid else "cm_tangent_jvp"
-    return {f"samples ({steps}-step)": samples_from(loaded, n, seed, steps),
-            f"x_t (t={t:g})": grid["x_t"][0], "f(x_t, t)": grid["f"][0], "CM tangent": grid["cm_tangent"][0],
-            ("AYT direction" if second == "ayt_direction" else "CM tangent (JVP)"): grid[second][0]}
+    return {**sample_rows(loaded, seed, steps, n), **tangent_rows(loaded, dataset, distance, t, seed, n)}
 
 
 def explore_panels(run_dir: PathLike, iteration: Optional[int] = None, t: float = 1.0, seed: int = 0,
@@ -123,6 +134,8 @@ class Explorer:
         self.n, self.device, self.loader = n, device, loader
         self.models = LRUCache(cache_size)         # (run, iteration) -> LoadedCheckpoint
         self.run_data = LRUCache(2)                # run -> (training data, feature-net distance or None)
+        self.rows = LRUCache(16)                   # the two halves of the figure, so that a change of t
+                                                   # does not resample and one of steps does not redo tangents
         self.redraws, self.last_redraw_s = 0, float("nan")
         self._quiet = False
         its = self._iterations(runs[0])
@@ -182,10 +195,14 @@ class Explorer:
         return loaded, data, distance
 
     def panels(self) -> dict:
-        """The rows for the widgets' current values."""
-        loaded, data, distance = self._loaded(self.run_w.value, self.ckpt_w.value)
-        return explore_panels_from(loaded, data, distance, self.t_w.value, self.seed_w.value, self.steps_w.value,
-                                   self.n)
+        """The rows for the widgets' current values (`explore_panels_from`, with its two halves cached)."""
+        run, it, t, seed, steps = (self.run_w.value, self.ckpt_w.value, self.t_w.value, self.seed_w.value,
+                                   self.steps_w.value)
+        loaded, data, distance = self._loaded(run, it)
+        key = (str(Path(run).resolve()), int(it), seed, self.n)
+        samples = self.rows.get(("samples", *key, steps), lambda: sample_rows(loaded, seed, steps, self.n))
+        tangents = self.rows.get(("tangents", *key, t), lambda: tangent_rows(loaded, data, distance, t, seed, self.n))
+        return {**samples, **tangents}
 
     def render(self) -> bytes:
         """The PNG of the figure for the widgets' current values."""
