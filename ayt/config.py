@@ -40,7 +40,8 @@ class NetworkConfig:
 @dataclass
 class ConsistencyConfig:
     """ECT and the AYT update (METHOD.md sections 2 and 4)."""
-    mode: str = "mfd"                # ect | mfd | ect+mfd | lpips | ect+lpips  (AYT reference: mfd)
+    mode: str = "mfd"                # ect | mfd | ect+mfd | lpips | ect+lpips  (AYT reference: mfd);
+                                     # continuous time (group `continuous`): ccd | ccd-ayt | cct | cct-ayt
     P_mean: float = -1.1
     P_std: float = 2.0
     q: float = 256.0
@@ -57,6 +58,21 @@ class ConsistencyConfig:
     feature_net: Optional[str] = None   # trained feature net: feature run dir, ayt checkpoint or .pt state dict
     feature_arch: str = "vgg16"      # architecture of that feature net (ayt.features registry)
     feature_outputs: int = 15        # its regression-head width L
+
+
+@dataclass
+class ContinuousConfig:
+    """Continuous-time modes ct.mode = ccd | ccd-ayt (distillation) | cct | cct-ayt (training), ayt.continuous.
+    They use ct.P_mean / ct.P_std for t and, in the -ayt modes, ct.feature_net; defaults are the authors'
+    CCD scripts (1202kbs/AYT scripts/train_cm/train_ccd*.py). sCM (Lu & Song 2024) stabilisers: its
+    settings are tangent_norm=l2, tangent_warmup_iters=10000, adaptive_weighting=true."""
+    teacher: Optional[str] = None    # ccd modes: diffusion run dir, ayt checkpoint, EDM .pkl or .pt (None: net.init)
+    tangent_norm: str = "rms"        # rms: T / (||T||/sqrt(dim) + c) (authors) | l2: T / (||T|| + c) (sCM) | none
+    tangent_c: float = 0.1           # c of the tangent normalisation
+    weighting: str = "per-sample"    # per-sample: mean_b <Y_b, T_b> / t_b | batch-mean: train_ccd_ayt.py's broadcast
+    jvp: str = "auto"                # auto (torch.func.jvp, double backward where unsupported) | func | double-backward
+    tangent_warmup_iters: int = 0    # sCM tangent warm-up: network time-derivative term ramped 0 -> 1 (0: off)
+    adaptive_weighting: bool = False  # sCM learned weighting e^w(t)/dim ||.||^2 - w(t), trained with the model
 
 
 @dataclass
@@ -120,6 +136,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     net: NetworkConfig = field(default_factory=NetworkConfig)
     ct: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    continuous: ContinuousConfig = field(default_factory=ContinuousConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     feature: FeatureConfig = field(default_factory=FeatureConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -127,7 +144,8 @@ class TrainConfig:
 
 
 STAGES = ("diffusion", "consistency", "feature")
-CT_MODES = ("ect", "mfd", "ect+mfd", "lpips", "ect+lpips")
+CT_MODES = ("ect", "mfd", "ect+mfd", "lpips", "ect+lpips", "ccd", "ccd-ayt", "cct", "cct-ayt")
+FEATURE_NET_MODES = ("mfd", "ect+mfd", "ccd-ayt", "cct-ayt")   # modes that need ct.feature_net
 
 # ----------------------------------------------------------------------------------------------
 # Presets: named override sets. Paper scale from METHOD.md; mini-* sized from MINI-STUDY.md.
@@ -323,7 +341,7 @@ def make_config(preset: Optional[str] = None, overrides: Optional[dict[str, Any]
     return cfg
 
 
-RUN_REFERENCES = ("net.init", "ct.feature_net")  # settings that may name another run directory
+RUN_REFERENCES = ("net.init", "ct.feature_net", "continuous.teacher")  # settings that may name another run directory
 
 
 def relocated_run_references(cfg: TrainConfig, overrides: list[str]) -> list[str]:
@@ -332,7 +350,7 @@ def relocated_run_references(cfg: TrainConfig, overrides: list[str]) -> list[str
     are left alone."""
     if Path(cfg.run_root) == Path("runs"):
         return []
-    values = {"net.init": cfg.net.init, "ct.feature_net": cfg.ct.feature_net}
+    values = {"net.init": cfg.net.init, "ct.feature_net": cfg.ct.feature_net, "continuous.teacher": cfg.continuous.teacher}
     return [f"{key}={Path(cfg.run_root) / Path(values[key]).name}" for key in RUN_REFERENCES
             if values[key] and values[key].startswith("runs/") and not any(o.startswith(key + "=") for o in overrides)]
 
@@ -365,9 +383,20 @@ def validate(cfg: TrainConfig) -> None:
     for k in ("log_every", "ckpt_every", "sample_every", "eval_every"):
         need(getattr(cfg, k) >= 0, f"{k} must be >= 0")
     need(cfg.log_every > 0 and cfg.ckpt_every > 0, "log_every and ckpt_every must be > 0")
-    if cfg.stage == "consistency" and cfg.ct.mode in ("mfd", "ect+mfd"):
+    if cfg.stage == "consistency" and cfg.ct.mode in FEATURE_NET_MODES:
         need(cfg.ct.feature_net is not None,
              f"ct.mode={cfg.ct.mode} needs a trained feature network: set ct.feature_net=<run dir or checkpoint>")
+    co = cfg.continuous
+    need(co.tangent_norm in ("rms", "l2", "none"), f"continuous.tangent_norm={co.tangent_norm!r}; expected rms, l2 or none")
+    need(co.tangent_c >= 0, "continuous.tangent_c must be >= 0")
+    need(co.weighting in ("per-sample", "batch-mean"),
+         f"continuous.weighting={co.weighting!r}; expected per-sample or batch-mean")
+    need(co.jvp in ("auto", "func", "double-backward"), f"continuous.jvp={co.jvp!r}; expected auto, func or double-backward")
+    need(co.tangent_warmup_iters >= 0, "continuous.tangent_warmup_iters must be >= 0")
+    if cfg.stage == "consistency" and cfg.ct.mode in ("ccd", "ccd-ayt"):
+        need(bool(co.teacher or cfg.net.init),
+             f"ct.mode={cfg.ct.mode} distils a diffusion teacher: set continuous.teacher=<diffusion run dir, ayt "
+             "checkpoint or EDM .pkl> (or net.init, which it defaults to)")
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -249,6 +249,9 @@ def build_stage(cfg: TrainConfig, img_channels: int, label_dim: int, device: tor
     if not cfg.net.init:
         note += " (warning: consistency tuning normally starts from a pretrained diffusion model, net.init)"
     ct = cfg.ct
+    from .continuous import CONTINUOUS_MODES, build_continuous_objective
+    if ct.mode in CONTINUOUS_MODES:  # CCD / CT, pixel or feature space (ayt.continuous)
+        return model, build_continuous_objective(cfg, img_channels, label_dim, device), {}, note
     distance = None
     if ct.mode in ("mfd", "ect+mfd"):
         from .losses import MFD
