@@ -338,7 +338,10 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
     extra.update(img_channels=img_channels, label_dim=label_dim)
     model = model.to(d.device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = make_optimizer(cfg, model.parameters())
+    aux = getattr(objective, "module", None)  # trainable parts of the objective (sCM adaptive weight), or None
+    if aux is not None:
+        aux.to(d.device).train()
+    opt = make_optimizer(cfg, list(model.parameters()) + (list(aux.parameters()) if aux is not None else []))
     start_it = 0
 
     # Resume
@@ -350,6 +353,8 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
         ck.load_state_dict_strict(model, state["model"], f"checkpoint {latest}")
         ck.load_state_dict_strict(ema, state["ema"], f"checkpoint {latest} (EMA)")
         opt.load_state_dict(state["optimizer"])
+        if aux is not None:
+            ck.load_state_dict_strict(aux, state["objective"], f"checkpoint {latest} (objective)")
         start_it = int(state["iteration"])
         init_note = f"resumed from {latest} at iteration {start_it}"
     if d.is_main:
@@ -383,7 +388,8 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
             return
         ck.save_atomic({"format": ck.FORMAT, "version": ck.VERSION, "stage": cfg.stage, "iteration": it,
                         "data_position": it * cfg.batch, "config": to_dict(cfg), "model": model.state_dict(),
-                        "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_state(), **extra},
+                        "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_state(), **extra,
+                        **({"objective": aux.state_dict()} if aux is not None else {})},
                        ck.checkpoint_path(run_dir, it))
         if not cfg.keep_checkpoints:
             for old_it, p in ck.list_checkpoints(run_dir)[:-1]:
@@ -414,6 +420,10 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
             raise NonFiniteLossError(f"non-finite loss at iteration {it}: {loss_value}; weights were not updated. "
                                      f"The last checkpoint is {ck.latest_checkpoint(run_dir)}; lower optim.lr or "
                                      "check the data / initial weights")
+        if aux is not None and d.world > 1:  # DDP averages the model's gradients only
+            for p in aux.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= d.world
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
@@ -445,7 +455,8 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
                 tracker.scalars(done, train_scalars(res))
         if done % cfg.ckpt_every == 0 or done == cfg.iters:
             save(done)
-    ddp_check = replica_divergence(model, d) if d.world > 1 else None
+    replicas = model if aux is None else torch.nn.ModuleList([model, aux])
+    ddp_check = replica_divergence(replicas, d) if d.world > 1 else None
     if end_it == cfg.iters and d.is_main:
         if not ck.list_checkpoints(run_dir) or ck.list_checkpoints(run_dir)[-1][0] != cfg.iters:
             save(cfg.iters)

@@ -344,3 +344,52 @@ def test_resume_of_a_run_written_before_the_continuous_group(tmp_path, runs):
     cfg_file.write_text(json.dumps(old))
     train(cfg, resume=True)
     assert ck.list_checkpoints(Path(cfg.run_root) / cfg.name)[-1][0] == 4
+
+
+def test_adaptive_loss_gradient_and_optimum():
+    g = torch.Generator().manual_seed(0)
+    Y = torch.randn(3, 2, 4, 4, generator=g).requires_grad_(True)
+    G = torch.randn(3, 2, 4, 4, generator=g)
+    dim = 32
+    w_star = (dim / G.flatten(1).square().sum(1)).log()            # e^w ||G||^2 / dim = 1
+    w = (w_star + torch.tensor([0.0, 0.5, -0.5])).requires_grad_(True)
+    loss = CT.adaptive_loss(Y, G, w)
+    gY, gw = torch.autograd.grad(loss.sum(), (Y, w))
+    torch.testing.assert_close(gY, 2 * w.detach().exp().reshape(-1, 1, 1, 1) / dim * G)
+    assert abs(gw[0]) < 1e-5 and gw[1] > 0 and gw[2] < 0           # minimum at w_star
+    aw = CT.AdaptiveWeight()
+    assert torch.equal(aw(torch.tensor([0.01, 1.0, 80.0])), torch.zeros(3))
+
+
+def test_ct_with_sCM_stabilisers_trains_and_resumes_bitwise(tmp_path, runs):
+    over = {"continuous.adaptive_weighting": True, "continuous.tangent_warmup_iters": 4,
+            "continuous.tangent_norm": "l2"}
+    straight = train(_cont_cfg(tmp_path / "a", runs, "cct", **over))
+    half = _cont_cfg(tmp_path / "b", runs, "cct", **over)
+    train(half, stop_after=3)
+    resumed = train(half, resume=True)
+    a, b = ck.load_checkpoint(ck.resolve_checkpoint(straight)), ck.load_checkpoint(ck.resolve_checkpoint(resumed))
+    _same_state(a, b)
+    for k in a["objective"]:
+        assert torch.equal(a["objective"][k], b["objective"][k]), k
+    assert a["objective"]["linear.bias"].abs().item() > 0               # the weighting was trained
+    assert all("adaptive_w" in r for r in _read_metrics(straight))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_ccd_ayt_and_adaptive_weight(tmp_path, runs):
+    """2 processes (gloo): the JVP on the bare module beside the DDP forward, the adaptive weight's
+    gradients averaged by hand; both replicas end with identical weights."""
+    import os
+    import subprocess
+    import sys
+    args = ["name=ddp", f"run_root={tmp_path}", "stage=consistency", "iters=4", "ckpt_every=2", "ct.mode=ccd-ayt",
+            f"net.init={runs['diffusion']}", f"ct.feature_net={runs['feature']}", "ct.feature_arch=mini-vgg",
+            "continuous.adaptive_weighting=true", "batch_per_device=2",
+            *[f"{k}={v}" for k, v in TINY.items() if k != "ckpt_every"]]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "ayt", "train", *args], cwd=Path(__file__).resolve().parents[1],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    res = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert res["ddp"] == {"world_size": 2, "max_param_diff_across_ranks": 0.0}
