@@ -76,6 +76,17 @@ class ContinuousConfig:
 
 
 @dataclass
+class DiagnosticConfig:
+    """Live tangent diagnostic (ayt.diagnostic): the share of the update direction along the data manifold."""
+    every: int = 0                   # evaluate every N iterations, logged with the metrics (0: off)
+    basis: str = "auto"              # auto (exact on shapes / disk, else pca) | exact | pca | augment
+    samples: int = 32                # probe images (a fixed seeded subset, fixed noise and noise levels)
+    pca_reference: int = 2048        # pca: training images searched for neighbours
+    pca_neighbors: int = 32          # pca: neighbours per probe
+    pca_dim: int = 8                 # pca: tangent directions kept
+
+
+@dataclass
 class DiffusionConfig:
     """EDM denoising loss for diffusion pretraining (Karras et al. 2022)."""
     P_mean: float = -1.2
@@ -137,6 +148,7 @@ class TrainConfig:
     net: NetworkConfig = field(default_factory=NetworkConfig)
     ct: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     continuous: ContinuousConfig = field(default_factory=ContinuousConfig)
+    diagnostic: DiagnosticConfig = field(default_factory=DiagnosticConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     feature: FeatureConfig = field(default_factory=FeatureConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -393,6 +405,19 @@ def validate(cfg: TrainConfig) -> None:
          f"continuous.weighting={co.weighting!r}; expected per-sample or batch-mean")
     need(co.jvp in ("auto", "func", "double-backward"), f"continuous.jvp={co.jvp!r}; expected auto, func or double-backward")
     need(co.tangent_warmup_iters >= 0, "continuous.tangent_warmup_iters must be >= 0")
+    dg = cfg.diagnostic
+    need(dg.every >= 0, "diagnostic.every must be >= 0")
+    need(dg.basis in ("auto", "exact", "pca", "augment"), f"diagnostic.basis={dg.basis!r}; expected auto, exact, pca or augment")
+    need(dg.samples >= 1, "diagnostic.samples must be >= 1")
+    need(0 < dg.pca_dim < dg.pca_neighbors <= dg.pca_reference,
+         "diagnostic: need 0 < pca_dim < pca_neighbors <= pca_reference")
+    need(dg.basis != "exact" or cfg.data.name in ("shapes", "disk"),
+         f"diagnostic.basis=exact: the tangent space of data.name={cfg.data.name!r} is unknown (exact only on shapes "
+         "and disk); use pca or augment")
+    need(dg.basis != "augment" or cfg.data.name != "disk", "diagnostic.basis=augment needs images (1 or 3 channels), "
+         "not the disk's vectors")
+    need(not (dg.every and cfg.stage == "feature"), "diagnostic.every: the tangent diagnostic needs a generative stage "
+         "(diffusion or consistency), not stage=feature")
     if cfg.stage == "consistency" and cfg.ct.mode in ("ccd", "ccd-ayt"):
         need(bool(co.teacher or cfg.net.init),
              f"ct.mode={cfg.ct.mode} distils a diffusion teacher: set continuous.teacher=<diffusion run dir, ayt "

@@ -366,6 +366,10 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
     _log(d, f"[ayt] run {run_dir} | stage {cfg.stage} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params"
             f" | {d.world} process(es) on {d.device} | batch {cfg.batch} = {d.world} x {accum} x {micro} | {init_note}")
 
+    diag = None
+    if cfg.diagnostic.every and d.is_main:  # live tangent diagnostic (ayt.diagnostic), rank 0 only
+        from .diagnostic import build_diagnostic
+        diag = build_diagnostic(cfg, objective, ds, d.device, label_dim)
     if eval_fn is None and cfg.eval_every and cfg.stage != "feature":
         from .evaluate import make_eval_hook
         eval_fn = make_eval_hook(cfg)
@@ -453,6 +457,11 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps({"iteration": done, **res}) + "\n")
                 tracker.scalars(done, train_scalars(res))
+        if diag is not None and done % cfg.diagnostic.every == 0:
+            rec = {"iteration": done, **diag(model, it)}
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            tracker.scalars(done, train_scalars(rec))
         if done % cfg.ckpt_every == 0 or done == cfg.iters:
             save(done)
     replicas = model if aux is None else torch.nn.ModuleList([model, aux])
