@@ -102,6 +102,9 @@ class FeatureConfig:
     p: float = 0.15                  # per-transform probability after the ramp
     p_ramp_iters: int = 50000        # linear ramp of p from 0
     eval_images: int = 2048          # held-out images for the final per-label R^2
+    objective: str = "augment"       # augment: regress augmentation labels | denoise: autoencoder (arch dae)
+    sigma_max: float = 1.0           # denoise: sigma ~ U(0, sigma_max) (the authors' train_dae.py)
+    c_mult: float = 0.0              # denoise: pseudo-Huber c = c_mult sqrt(dim) of the reconstruction (0: L2)
 
 
 @dataclass
@@ -387,6 +390,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.ct.c_mult >= 0, "ct.c_mult must be >= 0")
     need(cfg.ct.double_every is None or cfg.ct.double_every > 0, "ct.double_every must be > 0 or None")
     need(0 <= cfg.feature.p <= 1, "feature.p must be in [0, 1]")
+    need(cfg.feature.objective in ("augment", "denoise"), f"feature.objective={cfg.feature.objective!r}; expected "
+         "augment or denoise")
+    need(cfg.feature.sigma_max > 0 and cfg.feature.c_mult >= 0, "feature.sigma_max must be > 0, feature.c_mult >= 0")
     if cfg.data.name == "disk":  # vector data as [N, D, 1, 1] images
         need(cfg.data.resolution == 1, f"data.resolution={cfg.data.resolution}: the disk data has resolution 1")
     else:

@@ -11,8 +11,9 @@ VGG16 with BatchNorm whose parameter names equal the authors' `VGG` (1202kbs/AYT
 
     layers.32x32_block0.conv.weight, layers.32x32_block0.bn.running_mean, ..., layers.classifier.weight
 
-Networks: VGG (depths 11/13/16/19, custom configurations, max-pool or strided downsampling),
-ResNet18 (CIFAR style), MLPFeatures (vector data, the 2-D disk experiment). `build_feature_net`
+Networks: VGG (depths 11/13/16/19, custom configurations, max-pool or strided downsampling; also
+registered under the authors' VGGMod names), ResNet18 / ResNet10 (CIFAR style), MLPFeatures (vector data,
+the 2-D disk experiment); DenseNet, ViT and a denoising autoencoder live in ayt.feature_nets. `build_feature_net`
 is the registry, `freeze` prepares a trained phi for the MFD, `load_feature_net` loads a
 plain state-dict file.
 """
@@ -309,6 +310,19 @@ def _mlp(dim: Optional[int] = None, resolution: int = 1, in_channels: Optional[i
     return MLPFeatures(dim=dim, **kw)
 
 
+def _from_feature_nets(cls_name: str, **defaults) -> Callable[..., nn.Module]:
+    """A registry entry for a class of ayt.feature_nets (DenseNet, ViT, autoencoder), with default keywords."""
+    def make(**kw) -> nn.Module:
+        from . import feature_nets
+        return getattr(feature_nets, cls_name)(**{**defaults, **kw})
+    return make
+
+
+def _vggmod(depth: int, stride: bool, batchnorm: bool) -> Callable[..., nn.Module]:
+    """The authors' VGGMod (use_maxpool = not stride, use_bn = batchnorm): the same layout as VGG."""
+    return lambda **kw: VGG(depth=depth, downsample="stride" if stride else "maxpool", batchnorm=batchnorm, **kw)
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "vgg11": lambda **kw: VGG(depth=11, **kw),
     "vgg13": lambda **kw: VGG(depth=13, **kw),
@@ -318,7 +332,16 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet18": lambda **kw: ResNet18(**kw),
     "mini-vgg": lambda **kw: VGG(cfg=MINI_VGG_CONFIG, **kw),
     "mlp": _mlp,
+    # The authors' VGGMod{11,13,16,19} (vggmod16 = their configs/classifier/vggmod.yaml), strided and BN-free variants.
+    **{f"vggmod{d}{'-stride' * s}{'-nobn' * (not bn)}": _vggmod(d, s, bn)
+       for d in VGG_CONFIGS for s in (False, True) for bn in (True, False)},
+    "resnet10": lambda **kw: ResNet18(num_blocks=(1, 1, 1, 1), **kw),   # the authors' current 'ResNet' ([1, 1, 1, 1])
+    "densenet": _from_feature_nets("DenseNet"),                           # configs/classifier/densenet.yaml
+    "vit": _from_feature_nets("SimpleViT"),                               # configs/classifier/vit.yaml
+    "vit-mini": _from_feature_nets("SimpleViT", dim=64, depth=2, heads=4, dim_head=16, mlp_dim=128),
+    "dae": _from_feature_nets("DenoisingAutoencoder"),                    # train with feature.objective=denoise
 }
+AUTOENCODERS: tuple[str, ...] = ("dae",)   # feature nets trained by denoising, not by augmentation regression
 FEATURE_NETS: tuple[str, ...] = tuple(_REGISTRY)
 
 
@@ -385,4 +408,4 @@ def num_params(net: nn.Module) -> int:
 
 
 __all__ = ["VGG", "VGGBlock", "ResNet18", "BasicBlock", "MLPFeatures", "VGG_CONFIGS", "MINI_VGG_CONFIG",
-           "FEATURE_NETS", "build_feature_net", "freeze", "load_feature_net", "num_params", "vgg_config"]
+           "FEATURE_NETS", "AUTOENCODERS", "build_feature_net", "freeze", "load_feature_net", "num_params", "vgg_config"]

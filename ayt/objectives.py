@@ -9,17 +9,19 @@
       ect+mfd    ect + lam * min(1, (it+1)/ramp) * surrogate(MFD)
       lpips, ect+lpips   the same with LPIPS(VGG) as the distance (baseline)
 * `FeatureObjective`   - regression of augmentation labels (METHOD.md section 3): MSE per sample.
+* `DenoisingObjective` - a denoising autoencoder as feature network (the authors' train_dae.py).
 
 `net` may be a DDP wrapper (it runs the gradient-carrying forward); `teacher` is the bare module.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 
 from . import consistency as C
-from .losses import direction_surrogate, distance_and_direction, ect_mfd_ramp
+from .losses import direction_surrogate, distance_and_direction, ect_mfd_ramp, pseudo_huber
 
 
 class DiffusionObjective:
@@ -73,4 +75,21 @@ class FeatureObjective:
         x_aug, y = self.pipe(x_0, generator=generator)          # [N, C, H, W], [N, L]
         pred = net(x_aug)                                       # [N, L]
         loss = (pred.float() - y).square().mean(1)
+        return loss, {"loss": loss.detach().mean()}
+
+
+class DenoisingObjective:
+    """Denoising-autoencoder training (1202kbs/AYT scripts/train_ae/train_dae.py): per sample
+    sigma ~ U(0, sigma_max), x_s = x_0 + sigma eps, loss pseudo_huber(net(x_s), x_0) with c = c_mult sqrt(dim)
+    (c = 0, the authors' setting: the L2 norm of the reconstruction error). Returns [N]."""
+
+    def __init__(self, sigma_max: float = 1.0, c_mult: float = 0.0):
+        self.sigma_max, self.c_mult = sigma_max, c_mult
+
+    def __call__(self, net, x_0, labels, it, generator, teacher=None):
+        n = x_0.shape[0]
+        sigma = self.sigma_max * torch.rand(n, generator=generator, device=x_0.device)      # [N]
+        eps = torch.randn(x_0.shape, generator=generator, device=x_0.device)
+        pred = net(x_0 + sigma.view(-1, *([1] * (x_0.ndim - 1))) * eps)                   # [N, C, H, W]
+        loss = pseudo_huber(pred.float(), x_0, self.c_mult * math.sqrt(x_0[0].numel()))
         return loss, {"loss": loss.detach().mean()}

@@ -230,9 +230,20 @@ def load_feature_net(path: str, arch: str, resolution: int, in_channels: int, nu
 
 def build_stage(cfg: TrainConfig, img_channels: int, label_dim: int, device: torch.device):
     """(model, objective, extra checkpoint fields, init note) for the run's stage."""
+    if cfg.stage == "feature" and cfg.feature.objective == "denoise":  # autoencoder features (ayt.feature_nets)
+        from .features import AUTOENCODERS, build_feature_net
+        from .objectives import DenoisingObjective
+        if cfg.feature.arch not in AUTOENCODERS:
+            raise ConfigError(f"feature.objective=denoise trains an autoencoder: feature.arch must be one of "
+                              f"{', '.join(AUTOENCODERS)}, not {cfg.feature.arch!r}")
+        model = build_feature_net(cfg.feature.arch, resolution=cfg.data.resolution, in_channels=img_channels)
+        return (model, DenoisingObjective(cfg.feature.sigma_max, cfg.feature.c_mult), {"num_outputs": 0},
+                "random init (denoising autoencoder)")
     if cfg.stage == "feature":
         from .augment import AUG_SETS, AugmentPipe
-        from .features import build_feature_net
+        from .features import AUTOENCODERS, build_feature_net
+        if cfg.feature.arch in AUTOENCODERS:
+            raise ConfigError(f"feature.arch={cfg.feature.arch} is an autoencoder: train it with feature.objective=denoise")
         if cfg.feature.aug_set not in AUG_SETS:
             raise ConfigError(f"unknown feature.aug_set {cfg.feature.aug_set!r}; known: {', '.join(AUG_SETS)}")
         L = len(AUG_SETS[cfg.feature.aug_set])
@@ -556,7 +567,12 @@ def finish_run(cfg: TrainConfig, run_dir: Path, model, ema, ds, device, wall_s: 
                         "started_at_iteration": start_it}
     if ddp_check is not None:
         results["ddp"] = ddp_check
-    if cfg.stage == "feature":
+    if cfg.stage == "feature" and cfg.feature.objective == "denoise":
+        from .feature_nets import denoising_quality
+        results["feature_net"] = denoising_quality(model, ds, device, cfg.feature.eval_images, cfg.seed)
+        _log(Dist(), "[ayt] autoencoder reconstruction RMSE by sigma: " +
+             ", ".join(f"{k} {v:.4f}" for k, v in results["feature_net"]["rmse"].items()))
+    elif cfg.stage == "feature":
         results["feature_net"] = feature_net_quality(model, cfg, ds, device)
         _log(Dist(), "[ayt] feature net R^2 per label: " +
              ", ".join(f"{k} {v:.3f}" for k, v in results["feature_net"]["r2"].items()))
