@@ -124,7 +124,9 @@ def test_mlp_features():
 
 
 def test_registry():
-    assert set(FEATURE_NETS) == {"vgg11", "vgg13", "vgg16", "vgg19", "vgg16-stride", "resnet18", "mini-vgg", "mlp"}
+    vggmod = {f"vggmod{d}{s}{b}" for d in (11, 13, 16, 19) for s in ("", "-stride") for b in ("", "-nobn")}
+    assert set(FEATURE_NETS) == {"vgg11", "vgg13", "vgg16", "vgg19", "vgg16-stride", "resnet18", "mini-vgg", "mlp",
+                                 "resnet10", "densenet", "vit", "vit-mini", "dae"} | vggmod
     for depth in (11, 13, 19):
         net = build_feature_net(f"vgg{depth}")
         n_convs = sum(1 for k in net.state_dict() if k.endswith("conv.weight"))
