@@ -262,10 +262,12 @@ def loss_curves(runs: Union[PathLike, Sequence[PathLike], dict], keys: Optional[
 # -- metric vs iterations (the paper's Figure 1 layout) -----------------------------------------
 
 METHOD_LABELS = {"ect": "ECT", "mfd": "AYT", "ect+mfd": "ECT+AYT", "lpips": "ECT w/ LPIPS",
-                 "ect+lpips": "ECT+LPIPS"}
+                 "ect+lpips": "ECT+LPIPS", "ccd": "CCD", "ccd-ayt": "CCD-AYT", "cct": "CT", "cct-ayt": "CT-AYT"}
 METHOD_STYLES = {"ECT": dict(color="C0", ls="-"), "AYT": dict(color="C3", ls="-"),
                  "ECT+AYT": dict(color="C2", ls="-"), "ECT w/ LPIPS": dict(color="C4", ls="-"),
-                 "ECT+LPIPS": dict(color="C5", ls="-"), "AYT (untrained phi)": dict(color="C7", ls="--")}
+                 "ECT+LPIPS": dict(color="C5", ls="-"), "AYT (untrained phi)": dict(color="C7", ls="--"),
+                 "CCD": dict(color="C0", ls=":"), "CCD-AYT": dict(color="C3", ls=":"),
+                 "CT": dict(color="C0", ls="-."), "CT-AYT": dict(color="C3", ls="-.")}
 
 
 def _read_json(path: Path) -> dict:

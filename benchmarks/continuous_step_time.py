@@ -11,12 +11,14 @@ and CCD objectives, with its overhead at diagnostic.every = 100 relative to the 
     python benchmarks/continuous_step_time.py --preset mini-ayt --batch 16 --device cpu
     python benchmarks/continuous_step_time.py --preset cifar10-ayt --batch 128 --device cuda
 
+On a shared machine the load average (recorded at start and end) inflates every arm; compare ratios.
 Results (with the machine) go to benchmarks/results/continuous_step_time_<preset>_<device>.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -88,7 +90,8 @@ def main():
     }
     results = {"preset": args.preset, "batch": batch, "resolution": R, "precision": args.precision,
                "net": cfg.net.arch, "feature_net": args.feature_arch or cfg.ct.feature_arch,
-               "warmup": args.warmup, "iters": args.iters, "machine": machine(device), "arms": {}}
+               "warmup": args.warmup, "iters": args.iters, "machine": machine(device),
+               "load_average_1min_at_start": round(os.getloadavg()[0], 2), "arms": {}}
     for name, make in arms.items():
         torch.manual_seed(0)
         model = build_diffusion_net(cfg, Cimg, 0).to(device).train()
@@ -142,6 +145,7 @@ def main():
                                        "overhead_at_every_100": round(once / (100 * step), 5)}
         print(f"diagnostic ({name}): basis {build_s:.2f} s once, {1000 * once:.1f} ms per evaluation = "
               f"{100 * once / (100 * step):.2f}% of training time at diagnostic.every=100", flush=True)
+    results["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     out = Path(args.out or Path(__file__).parent / "results" / f"continuous_step_time_{args.preset}_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
