@@ -1,4 +1,8 @@
-"""Command line: python -m ayt {train,sample,eval,plot,demo,study,notebook,presets} ...   (see README)."""
+"""Command line: python -m ayt {train,sample,eval,plot,demo,study,notebook,presets} ...   (see README).
+
+Exit codes: 0 done; 1 the run failed (non-finite loss, disk full or another I/O error; the last
+checkpoint is intact); 2 bad input or a refused start (settings, files, checkpoints, a run in use).
+"""
 from __future__ import annotations
 
 import argparse
@@ -35,8 +39,18 @@ def cmd_train(args) -> int:
     cfg = make_config(args.preset, args.overrides)
     if args.dry_run:
         return dry_run(cfg, args.resume)
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, allow_world_change=args.allow_world_change)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def dry_run(cfg: TrainConfig, resume: bool) -> int:
@@ -190,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=HelpFormatter, description="Train one run: defaults <- preset <- key=value.",
                        epilog=_presets_text() + "\n\nsettings (key=value, defaults = paper reference):\n" + describe_settings())
     t.add_argument("--preset", help="named preset (listed below; default: none, the paper-reference defaults)")
-    t.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue the run from its newest readable checkpoint")
+    t.add_argument("--allow-world-change", action="store_true",
+                   help="resume with another number of processes or batch_per_device than the checkpoint was "
+                        "written with (the run will not be bitwise identical to an uninterrupted one)")
     t.add_argument("--dry-run", action="store_true",
                    help="print the resolved settings, the run directory and whether the run would start fresh or "
                         "resume, then exit without creating anything")
@@ -206,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="write a sample grid from a run's EMA network", formatter_class=HelpFormatter,
                        description="Draw samples from a run's EMA network and write them as one PNG grid.")
     s.add_argument("run", help="run directory (its latest checkpoint) or checkpoint file")
-    s.add_argument("--n", type=int, default=64, help="number of samples in the grid")
+    s.add_argument("--n", type=_positive_int, default=64, help="number of samples in the grid (>= 1)")
     s.add_argument("--steps", type=int, default=1, choices=(1, 2),
                    help="consistency sampling steps (diffusion runs always use the 18-step Heun sampler)")
     s.add_argument("--seed", type=int, default=0, help="seed of the noise (batch i uses the seed (seed, i))")
@@ -278,11 +295,15 @@ def main(argv=None) -> int:
     p = build_parser()
 
     args = p.parse_args(argv)
+    from .checkpoint import RunInUseError
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, RunInUseError) as e:  # bad input, refused start
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (FloatingPointError, OSError) as e:  # the run failed: non-finite loss, disk full, I/O
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def tangent_grid(net: Callable, x_0: Tensor, eps: Tensor, ts: Sequence[float],
     rs = []
     for t_val in ts:
         t = _noise_levels(float(t_val), n, x_0)
-        r = C.t_to_r(t, stage, schedule.q, schedule.k, schedule.b, schedule.mapping)
+        r = C.t_to_r(t, stage, schedule.q, schedule.k, schedule.b, schedule.mapping, schedule.const_floor)
         rs.append(float(r[0]))
         D_t, D_r = consistency_pair(net, x_0, eps, t, r, class_labels)
         w = C.ect_weight(t, r)
@@ -392,11 +392,15 @@ def update_cosines(outputs: Tensor) -> Tensor:
     return torch.stack([cosine(u[k + 1], u[k]) for k in range(u.shape[0] - 1)])
 
 
-def _checkpoint_list(run_dir: Union[str, Path], checkpoints: Optional[Sequence] = None) -> list[tuple[int, Path]]:
-    """(iteration, path) pairs: every checkpoint of the run, or the given iterations / paths."""
-    available = ck.list_checkpoints(run_dir)
+def _checkpoint_list(run_dir: Union[str, Path], checkpoints: Optional[Sequence] = None,
+                     which: str = "model") -> list[tuple[int, Path]]:
+    """(iteration, path) pairs: every checkpoint of the run holding the `which` weights (EMA: snapshots
+    too, see `ayt.checkpoint.list_weights`), or the given iterations / paths."""
+    available = ck.list_weights(run_dir, which)
     if not available:
-        raise ck.CheckpointError(f"run directory {run_dir} holds no checkpoints")
+        raise ck.CheckpointError(f"run directory {run_dir} holds no checkpoints" + (
+            " with raw weights (which='model' needs full checkpoints: train with keep_last=0 to keep them all, "
+            "or use which='ema', which also reads the EMA-only snapshots)" if which == "model" else ""))
     if checkpoints is None:
         return available
     by_it = dict(available)
@@ -408,7 +412,9 @@ def _checkpoint_list(run_dir: Union[str, Path], checkpoints: Optional[Sequence] 
         elif int(c) in by_it:
             out.append((int(c), by_it[int(c)]))
         else:
-            raise ValueError(f"{run_dir} has no checkpoint at iteration {c}; it has {sorted(by_it)}")
+            raise ValueError(f"{run_dir} has no checkpoint at iteration {c} with the {which!r} weights; it has "
+                             f"{sorted(by_it)}" + (" (only the last keep_last full checkpoints are kept; the EMA "
+                                                   "snapshots serve which='ema')" if which == "model" else ""))
     return out
 
 
@@ -423,7 +429,7 @@ class _NetLoader:
     def __call__(self, path: Path) -> tuple[torch.nn.Module, dict]:
         from .config import from_dict
         from .train import build_diffusion_net
-        state = ck.load_checkpoint(path)
+        _, state = ck.load_run_checkpoint(path, self.which)
         cfg = from_dict(state["config"])
         if cfg.stage == "feature":
             raise ValueError(f"{path} is a feature-network checkpoint, not a denoiser")
@@ -444,7 +450,7 @@ def checkpoint_outputs(run_dir: Union[str, Path], x_0: Tensor, eps: Tensor, t: T
     load = _NetLoader(which, x_0.device)
     its, outs = [], []
     tv = _noise_levels(t, x_0.shape[0], x_0)
-    for it, path in _checkpoint_list(run_dir, checkpoints):
+    for it, path in _checkpoint_list(run_dir, checkpoints, which):
         net, _ = load(path)
         outs.append(net(x_0 + _per_sample(tv, x_0) * eps, tv, class_labels))
         its.append(it)
@@ -486,7 +492,7 @@ def _run_configs(run_dirs: dict[str, Union[str, Path]], data_name: str) -> dict:
         raise ValueError("the study needs at least one run directory")
     cfgs = {}
     for name, rd in run_dirs.items():
-        cfg = from_dict(ck.load_checkpoint(_checkpoint_list(rd)[0][1])["config"])
+        cfg = from_dict(ck.load_checkpoint(_checkpoint_list(rd, which="ema")[0][1])["config"])
         if cfg.data.name != data_name or cfg.stage != "consistency":
             raise ValueError(f"{rd}: expected a consistency run on data.name={data_name!r}, "
                              f"got stage={cfg.stage!r}, data.name={cfg.data.name!r}")
@@ -544,10 +550,9 @@ def tangent_study(run_dirs: dict[str, Union[str, Path]], x_0: Tensor, eps: Tenso
     result: dict = {"ts": [float(t) for t in ts], "n": n, "which": which, "runs": {}}
     for name, rd in run_dirs.items():
         load = _NetLoader(which, x_0.device)
-        ckpts = _checkpoint_list(rd, checkpoints)
+        ckpts = _checkpoint_list(rd, checkpoints, which)
         cfg = from_dict(ck.load_checkpoint(ckpts[0][1])["config"])
-        schedule = C.TRSchedule(cfg.ct.P_mean, cfg.ct.P_std, cfg.ct.q, cfg.ct.k, cfg.ct.b, cfg.ct.mapping,
-                                cfg.ct.stage, cfg.ct.double_every)
+        schedule = C.TRSchedule.from_config(cfg.ct)
         measures = ["tangent_fraction", "normal_fraction"] + (["toward_cosine"] if project_fn else [])
         per_t = {k: {**{d: {m: [] for m in measures} for d in ("cm", "ayt", "jvp")}, "cm_ayt_cosine": []}
                  for k in keys}
@@ -560,7 +565,7 @@ def tangent_study(run_dirs: dict[str, Union[str, Path]], x_0: Tensor, eps: Tenso
             stage = C.stage_at(schedule, it)
             for t_val, key in zip(ts, keys):
                 t = _noise_levels(float(t_val), n, x_0)
-                r = C.t_to_r(t, stage, schedule.q, schedule.k, schedule.b, schedule.mapping)
+                r = C.t_to_r(t, stage, schedule.q, schedule.k, schedule.b, schedule.mapping, schedule.const_floor)
                 w = C.ect_weight(t, r, cfg.ct.weighting)
                 D_t, D_r = consistency_pair(net, x_0, eps, t, r)
                 u = {"cm": cm_update_direction(D_t, D_r, w, cfg.ct.c_mult * math.sqrt(dim)),

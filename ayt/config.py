@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ class ConsistencyConfig:
     k: float = 8.0
     b: float = 1.0
     mapping: str = "sigmoid"         # sigmoid | const
+    const_floor: Optional[float] = 1 / 256  # const mapping: decay = max(q^-(s+1), floor) as the AYT code; None: ECT's
     stage: int = 0                   # fixed stage s (AYT reference); start stage when double_every is set
     double_every: Optional[int] = None  # official ECT: increment s every N iterations (with q=2)
     c_mult: float = 0.0              # pseudo-Huber c = c_mult * sqrt(C*H*W); 0 gives the L2 norm
@@ -105,6 +107,7 @@ class FeatureConfig:
     objective: str = "augment"       # augment: regress augmentation labels | denoise: autoencoder (arch dae)
     sigma_max: float = 1.0           # denoise: sigma ~ U(0, sigma_max) (the authors' train_dae.py)
     c_mult: float = 0.0              # denoise: pseudo-Huber c = c_mult sqrt(dim) of the reconstruction (0: L2)
+    sync_bn: bool = True             # DDP on GPUs: SyncBatchNorm, so BatchNorm sees the global batch (AYT: 1 GPU)
 
 
 @dataclass
@@ -146,7 +149,8 @@ class TrainConfig:
     sample_every: int = 10000        # sample grid every N iterations (0: never)
     eval_every: int = 0              # in-training evaluation hook every N iterations (0: never)
     eval_samples: int = 5000         # samples per in-training evaluation
-    keep_checkpoints: bool = True    # keep every periodic checkpoint (not only the latest)
+    keep_last: int = 2               # full checkpoints kept (model, EMA, optimiser; for --resume); 0 keeps all
+    snapshot_every: int = 50000      # EMA-only snapshot every N iterations, kept for evaluation/figures (0: never)
     data: DataConfig = field(default_factory=DataConfig)
     net: NetworkConfig = field(default_factory=NetworkConfig)
     ct: ConsistencyConfig = field(default_factory=ConsistencyConfig)
@@ -170,12 +174,15 @@ _IMNET = {"data.name": "zip", "data.root": "data/imagenet-64x64.zip", "data.reso
           "data.conditional": True, "net.arch": "adm-imagenet64"}
 _SHAPES = {"data.name": "shapes", "data.resolution": 16, "data.num_images": 50000, "net.arch": "mini-shapes16",
            "device": None}
+# CPU-scale consistency runs keep every full checkpoint (a few MB each): the shapes tangent study
+# (ayt.analysis.shapes_study) measures the oscillation of the raw weights across them.
 _MINI_CT = {**_SHAPES, "stage": "consistency", "net.init": "runs/mini-diffusion", "batch": 16, "iters": 2000,
-            "optim.lr": 5e-4, "ema_decay": 0.999, "log_every": 25, "ckpt_every": 250, "sample_every": 500,
-            "ct.feature_net": "runs/mini-feature-net", "ct.feature_arch": "mini-vgg"}
+            "optim.lr": 5e-4, "ema_decay": 0.999, "log_every": 25, "ckpt_every": 250, "keep_last": 0,
+            "snapshot_every": 0, "sample_every": 500, "ct.feature_net": "runs/mini-feature-net",
+            "ct.feature_arch": "mini-vgg"}
 # The 2-D disk in R^16 (tangent study, ayt.analysis.disk_study): points as [N, 16, 1, 1] images, MLP nets.
 _DISK = {"data.name": "disk", "data.resolution": 1, "data.num_images": 10000, "net.arch": "mlp-disk",
-         "device": None, "sample_every": 0}
+         "device": None, "sample_every": 0, "keep_last": 0, "snapshot_every": 0}
 # Consistency tuning on the disk uses official ECT's progressive schedule (q = 2, the gap halves every
 # 2,500 iterations; stage 7, the last, has the AYT reference gap q^-1 = 1/256): measured on this MLP,
 # the fixed q = 256 schedule left the 1-step model collapsed at the disk's centre after 2,000
@@ -199,7 +206,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cifar10-lpips": {**_CIFAR, "stage": "consistency", "ct.mode": "lpips",
                       "net.init": "edm-cifar10-32x32-uncond-vp.pkl", "batch": 128, "iters": 400000},
     "cifar10-feature-net": {"stage": "feature", "data.name": "cifar10", "data.resolution": 32,
-                            "feature.arch": "vgg16", "batch": 512, "iters": 400000, "ema_decay": 0.0},
+                            "feature.arch": "vgg16", "batch": 512, "iters": 400000, "ema_decay": 0.0,
+                            "snapshot_every": 0},
     # Paper-scale counterparts on ImageNet 64x64 (class-conditional, ADM network from EDM's checkpoint).
     # EDM's ImageNet-64 ADM training: 2500 Mimg at batch 4096, lr ramp-up 10 Mimg, EMA half-life 50 Mimg.
     "imagenet64-edm": {**_IMNET, "stage": "diffusion", "net.dropout": 0.1, "optim.name": "adam", "optim.lr": 2e-4,
@@ -211,27 +219,28 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "batch": 128, "iters": 400000},
     "imagenet64-feature-net": {"stage": "feature", "data.name": "zip", "data.root": "data/imagenet-64x64.zip",
                                "data.resolution": 64, "feature.arch": "vgg16", "batch": 512, "iters": 400000,
-                               "ema_decay": 0.0},
+                               "ema_decay": 0.0, "snapshot_every": 0},
     # CPU scale on the built-in shapes data (MINI-STUDY.md calibration facts).
     "mini-diffusion": {**_SHAPES, "stage": "diffusion", "optim.name": "adam", "optim.lr": 1e-3,
                        "optim.warmup_iters": 200, "batch": 32, "iters": 3000, "ema_decay": 0.999,
-                       "log_every": 50, "ckpt_every": 500, "sample_every": 1000},
+                       "log_every": 50, "ckpt_every": 500, "snapshot_every": 500, "sample_every": 1000},
     "mini-feature-net": {**_SHAPES, "stage": "feature", "feature.arch": "mini-vgg", "optim.lr": 1e-3,
                          "feature.p_ramp_iters": 500, "batch": 128, "iters": 3200, "ema_decay": 0.0,
-                         "log_every": 50, "ckpt_every": 500, "sample_every": 0},
+                         "log_every": 50, "ckpt_every": 500, "snapshot_every": 0, "sample_every": 0},
     "mini-ect": {**_MINI_CT, "ct.mode": "ect"},
     "mini-ayt": {**_MINI_CT, "ct.mode": "mfd"},
     # The whole pipeline in minutes on 2 CPU cores (see README "demo"); `ayt demo` runs all three.
     "demo-feature-net": {**_SHAPES, "stage": "feature", "data.num_images": 4096, "feature.arch": "mini-vgg",
                          "optim.lr": 1e-3, "feature.p_ramp_iters": 50, "feature.eval_images": 512, "batch": 64,
-                         "iters": 300, "ema_decay": 0.0, "log_every": 25, "ckpt_every": 100, "sample_every": 0},
+                         "iters": 300, "ema_decay": 0.0, "log_every": 25, "ckpt_every": 100, "snapshot_every": 0,
+                         "sample_every": 0},
     "demo-diffusion": {**_SHAPES, "stage": "diffusion", "data.num_images": 4096, "optim.name": "adam",
                        "optim.lr": 1e-3, "optim.warmup_iters": 50, "batch": 32, "iters": 400, "ema_decay": 0.99,
-                       "log_every": 25, "ckpt_every": 100, "sample_every": 0},
+                       "log_every": 25, "ckpt_every": 100, "snapshot_every": 100, "sample_every": 0},
     "demo-ayt": {**_SHAPES, "stage": "consistency", "data.num_images": 4096, "ct.mode": "mfd",
                  "net.init": "runs/demo-diffusion", "ct.feature_net": "runs/demo-feature-net",
                  "ct.feature_arch": "mini-vgg", "batch": 16, "iters": 200, "optim.lr": 5e-4, "ema_decay": 0.99,
-                 "log_every": 25, "ckpt_every": 100, "sample_every": 200},
+                 "log_every": 25, "ckpt_every": 100, "keep_last": 0, "snapshot_every": 0, "sample_every": 200},
     # The paper's synthetic tangent study: a flat 2-D disk in R^16 (CPU minutes). Feature net on the
     # additive augmentations ('vec': mixup, noise), EDM pretraining, then ECT and AYT from it, keeping
     # every checkpoint (every 500 iterations) for the oscillation measure of ayt.analysis.
@@ -383,6 +392,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.iters >= 0, "iters must be >= 0")
     need(cfg.batch >= 1, "batch must be >= 1")
     need(cfg.batch_per_device is None or cfg.batch_per_device >= 1, "batch_per_device must be >= 1")
+    for key, value in _flat(to_dict(cfg)).items():
+        need(not isinstance(value, float) or math.isfinite(value),
+             f"{key}={value}: settings must be finite numbers")
     need(cfg.optim.lr > 0, "optim.lr must be > 0")
     need(0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)")
     need(cfg.ct.q > 1, "ct.q must be > 1")
@@ -401,6 +413,10 @@ def validate(cfg: TrainConfig) -> None:
     for k in ("log_every", "ckpt_every", "sample_every", "eval_every"):
         need(getattr(cfg, k) >= 0, f"{k} must be >= 0")
     need(cfg.log_every > 0 and cfg.ckpt_every > 0, "log_every and ckpt_every must be > 0")
+    need(cfg.keep_last >= 0, f"keep_last={cfg.keep_last}: the number of full checkpoints to keep, >= 0 (0 keeps all)")
+    need(cfg.snapshot_every >= 0, f"snapshot_every={cfg.snapshot_every} must be >= 0 (0: no snapshots)")
+    need(cfg.ct.const_floor is None or 0 < cfg.ct.const_floor < 1,
+         f"ct.const_floor={cfg.ct.const_floor} must be in (0, 1), or none for official ECT's unfloored form")
     if cfg.stage == "consistency" and cfg.ct.mode in FEATURE_NET_MODES:
         need(cfg.ct.feature_net is not None,
              f"ct.mode={cfg.ct.mode} needs a trained feature network: set ct.feature_net=<run dir or checkpoint>")
@@ -434,9 +450,49 @@ def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{'optim': {'lr': 1e-4}} -> {'optim.lr': 1e-4}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def migrate(d: dict) -> dict:
+    """A config dict written by an earlier version, in today's keys, with the behaviour it had:
+    keep_checkpoints=true (every checkpoint kept) -> keep_last=0, false (only the latest) -> keep_last=1;
+    a const r-mapping without ct.const_floor was unfloored -> None; a feature run without
+    feature.sync_bn used per-process BatchNorm -> False. The input is not modified."""
+    d = json.loads(json.dumps(d))
+    if "keep_checkpoints" in d:
+        keep = d.pop("keep_checkpoints")
+        d.setdefault("keep_last", 0 if keep else 1)
+    ct = d.get("ct")
+    if isinstance(ct, dict) and "const_floor" not in ct and ct.get("mapping") == "const":
+        ct["const_floor"] = None
+    feature = d.get("feature")
+    if isinstance(feature, dict) and "sync_bn" not in feature and d.get("stage") == "feature":
+        feature["sync_bn"] = False
+    return d
+
+
+def diff_settings(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Changed settings between two config dicts, one "key: old -> new" line each (dotted keys);
+    `ignore` names keys or whole groups ("log" ignores log.*)."""
+    a, b = _flat(old), _flat(new)
+    skip = lambda k: any(k == g or k.startswith(g + ".") for g in ignore)
+    return [f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in sorted(set(a) | set(b))
+            if not skip(k) and a.get(k) != b.get(k)]
+
+
 def from_dict(d: dict) -> TrainConfig:
-    """Rebuild a TrainConfig from `to_dict` output (e.g. a checkpoint or config.json); unknown keys raise."""
+    """Rebuild a TrainConfig from `to_dict` output (e.g. a checkpoint or config.json), after `migrate`;
+    unknown keys raise."""
     cfg = TrainConfig()
+    d = migrate(d)
 
     def walk(prefix: str, sub: dict):
         for k, v in sub.items():

@@ -27,6 +27,7 @@ SIGMA_MAX = 80.0
 SIGMA_MID = 0.821  # 2-step sampling: intermediate noise level (METHOD.md section 5)
 
 R_MAPPINGS = ("sigmoid", "const")
+CONST_FLOOR = 1 / 256  # the AYT code's floor on the const mapping's decay (official ECT has none)
 WEIGHTINGS = ("default", "sqrt", "uniform", "snr", "karras")
 
 
@@ -38,7 +39,8 @@ class TRSchedule:
     """The ECT time-pair schedule.
 
     `t ~ exp(P_mean + P_std n)`; `r = max(0, t (1 - q^-(s+1) (1 + k sigmoid(-b t))))` ("sigmoid") or
-    `r = max(0, t (1 - q^-(s+1)))` ("const"). The stage s is `stage` for the whole run when
+    `r = max(0, t (1 - max(q^-(s+1), const_floor)))` ("const"; the AYT code floors the decay at 1/256,
+    official ECT's form is `const_floor=None`). The stage s is `stage` for the whole run when
     `double_every` is None (the AYT reference: q = 256, s = 0); otherwise `stage + it // double_every`
     (official ECT: q = 2, the gap t - r halves every `double_every` iterations).
     """
@@ -50,6 +52,16 @@ class TRSchedule:
     mapping: str = "sigmoid"
     stage: int = 0
     double_every: Optional[int] = None
+    const_floor: Optional[float] = CONST_FLOOR
+
+    @classmethod
+    def from_config(cls, ct) -> "TRSchedule":
+        """The schedule of a run's consistency settings (`ayt.config.ConsistencyConfig`, same field names)."""
+        return cls(**{f.name: getattr(ct, f.name) for f in dataclasses.fields(cls)})
+
+    def r(self, t: torch.Tensor, it: int) -> torch.Tensor:
+        """r for noise levels t (any shape) at iteration `it`."""
+        return t_to_r(t, stage_at(self, it), self.q, self.k, self.b, self.mapping, self.const_floor)
 
     def __post_init__(self):
         if self.mapping not in R_MAPPINGS:
@@ -70,12 +82,18 @@ def stage_at(schedule: TRSchedule, it: int) -> int:
 
 
 def t_to_r(t: torch.Tensor, stage: int, q: float, k: float = 8.0, b: float = 1.0,
-           mapping: str = "sigmoid") -> torch.Tensor:
-    """ECT's r-mapping, elementwise on t (any shape). Returns r >= 0 with r < t."""
+           mapping: str = "sigmoid", const_floor: Optional[float] = CONST_FLOOR) -> torch.Tensor:
+    """ECT's r-mapping, elementwise on t (any shape). Returns r >= 0 with r < t.
+
+    const: the decay is floored at `const_floor` as in the AYT code (1/256); without the floor
+    (None, official ECT) q = 256 at stage 2 gives 1 - decay == 1 in float32, r == t and w = 1/(t-r)
+    blows up. The sigmoid mapping has no floor in either code."""
     decay = q ** -(stage + 1)
     if mapping == "sigmoid":
         ratio = 1 - decay * (1 + k * torch.sigmoid(-b * t))
     elif mapping == "const":
+        if const_floor is not None:
+            decay = max(decay, const_floor)
         ratio = torch.full_like(t, 1 - decay)
     else:
         raise ValueError(f"unknown r-mapping {mapping!r}; expected one of {R_MAPPINGS}")
@@ -87,8 +105,7 @@ def sample_t_r(schedule: TRSchedule, n: int, it: int, generator: Optional[torch.
     """Draw (t, r), each [n], for iteration `it`. Pure function of (schedule, n, it, generator state)."""
     z = torch.randn(n, generator=generator, device=device)
     t = (schedule.P_mean + schedule.P_std * z).exp()
-    r = t_to_r(t, stage_at(schedule, it), schedule.q, schedule.k, schedule.b, schedule.mapping)
-    return t, r
+    return t, schedule.r(t, it)
 
 
 def ect_weight(t: torch.Tensor, r: torch.Tensor, weighting: str = "default",

@@ -96,8 +96,8 @@ class FeatureSpace:
         self.ref_feats = None
         self._swd_real: dict[int, torch.Tensor] = {}
         n_ref = min(ecfg.ref_images, len(self.dataset))
-        if ecfg.ref is not None:
-            self.mu, self.sigma = fid.load_stats(ecfg.ref)
+        if ecfg.ref is not None:  # checked before any sample is drawn
+            self.mu, self.sigma = fid.load_stats(ecfg.ref, dim=self.feature_dim(cfg))
         elif metric == "fid":
             cache = Path(f"data/fid-refs/{cfg.data.name}-{cfg.data.resolution}px-{n_ref}.npz")
             self.mu, self.sigma = fid.reference_stats(self._real(n_ref), cache, self.feature_fn, ecfg.batch, device)
@@ -105,6 +105,11 @@ class FeatureSpace:
             self.ref_feats = self.features(self._real(n_ref), desc="[eval] reference features")
             f = self.ref_feats.double()
             self.mu, self.sigma = f.mean(0).numpy(), np.cov(f.numpy(), rowvar=False)
+
+    def feature_dim(self, cfg: TrainConfig) -> int:
+        """Width of this metric's features (Inception pool3: 2048), from one forward of a blank image."""
+        c = self.dataset[0][0].shape[0]
+        return int(self.features(torch.zeros(1, c, cfg.data.resolution, cfg.data.resolution)).shape[-1])
 
     def _real(self, n: int) -> torch.Tensor:
         idx = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.ecfg.seed))[:n]
@@ -220,15 +225,20 @@ def _denoiser(net, space: FeatureSpace, sigma: float, seed: int, device):
 
 
 def select_checkpoints(run_dir, which: str = "latest") -> list[Path]:
-    """'latest', 'all', or comma-separated iterations."""
-    ckpts = ck.list_checkpoints(run_dir)
+    """'latest', 'all', or comma-separated iterations, over the run's full checkpoints and EMA snapshots
+    (`ayt.checkpoint.list_weights`). 'latest' is the newest readable one (unreadable newer files are
+    moved aside with a warning)."""
+    ckpts = ck.list_weights(run_dir, "ema")
     if not ckpts:
         raise ck.CheckpointError(f"{run_dir} holds no checkpoints")
     if which == "latest":
-        return [ckpts[-1][1]]
+        return [ck.load_newest_readable(ckpts, f"run directory {run_dir}")[0]]
     if which == "all":
         return [p for _, p in ckpts]
-    wanted = {int(x) for x in which.split(",")}
+    try:
+        wanted = {int(x) for x in which.split(",")}
+    except ValueError:
+        raise ValueError(f"--checkpoints {which!r}: expected latest, all or comma-separated iterations") from None
     found = [p for it, p in ckpts if it in wanted]
     missing = wanted - {it for it, _ in ckpts}
     if missing:
@@ -246,7 +256,8 @@ def evaluate_run(run_dir, ecfg: EvalConfig, which: str = "latest", log: Callable
     run_dir = Path(run_dir)
     paths = select_checkpoints(run_dir, which)
     cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
-    its = [it for it, p in ck.list_checkpoints(run_dir) if p in paths]
+    iteration_of = {p: it for it, p in ck.list_weights(run_dir, "ema")}  # checkpoints and snapshots
+    its = [iteration_of[p] for p in paths]
     track = track and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0)
     if track:
         check_available(cfg.log)  # a missing tensorboard / wandb stops before any work
@@ -257,7 +268,13 @@ def evaluate_run(run_dir, ecfg: EvalConfig, which: str = "latest", log: Callable
     with Progress(len(paths) * samples_per_checkpoint(cfg.stage, ecfg), f"[eval {run_dir.name}]", "img") as bar:
         say = bar.writer(log)
         for i, p in enumerate(paths):
-            recs = evaluate_checkpoint(p, ecfg, space, bar)
+            try:
+                recs = evaluate_checkpoint(p, ecfg, space, bar)
+            except ck.UnreadableCheckpointError as e:
+                if which != "all":
+                    raise
+                ck.warn(f"{e}; moved it to {ck.move_aside(Path(p)).name}; skipping it")
+                continue
             for r in recs:
                 say(f"[eval] {run_dir.name} it {r['iteration']} {r['sampler']}: {r['metric']} "
                     f"{r[space.metric]['mean']:.4g} (min {r[space.metric]['min']:.4g}, {ecfg.runs} run(s) x {ecfg.n})")
@@ -274,13 +291,13 @@ def evaluate_run(run_dir, ecfg: EvalConfig, which: str = "latest", log: Callable
 def append_results(run_dir: Path, records: list[dict]) -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
-    path = Path(run_dir) / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
     key = lambda r: (r["iteration"], r["sampler"], r["metric"], r["n"])
     new = {key(r) for r in records}
-    results["eval"] = [r for r in results.get("eval", []) if key(r) not in new] + records
-    results["eval"].sort(key=lambda r: (r["iteration"], r["sampler"]))
-    ck.write_json_atomic(results, path)
+
+    def update(results: dict) -> None:
+        results["eval"] = [r for r in results.get("eval", []) if key(r) not in new] + records
+        results["eval"].sort(key=lambda r: (r["iteration"], r["sampler"]))
+    ck.update_json(Path(run_dir) / "results.json", update)  # under results.json.lock: training may write too
 
 
 def make_eval_hook(cfg: TrainConfig, n: Optional[int] = None) -> Callable:

@@ -120,7 +120,7 @@ class Explorer:
                  loader: Callable[..., LoadedCheckpoint] = load_checkpoint):
         import ipywidgets as W
         from . import checkpoint as ck
-        self._list_checkpoints = ck.list_checkpoints
+        self._list_checkpoints = lambda run: ck.list_weights(run, "ema")  # checkpoints and snapshots
         runs = [str(r) for r in run_dirs]
         if not runs:
             raise ValueError("the explorer needs at least one run directory")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import scipy.linalg
@@ -464,13 +464,34 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> No
     os.replace(tmp, path)
 
 
-def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read (mu [D], sigma [D, D]) float64 from an .npz with keys `mu`, `sigma` (pytorch-fid, EDM)."""
-    with np.load(os.fspath(path)) as data:
-        missing = {"mu", "sigma"} - set(data.files)
+def load_stats(path: str | os.PathLike, dim: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read (mu [D], sigma [D, D]) float64 from an .npz with keys `mu`, `sigma` (pytorch-fid, EDM).
+    A missing or unreadable file, missing keys, shapes other than [D] / [D, D] (D = `dim` when given)
+    and non-finite values raise ValueError naming the file, so a bad reference fails before sampling."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reference statistics {path}: no such file")
+    try:
+        data = np.load(path)
+        files = list(data.files)
+    except Exception as e:
+        raise ValueError(f"reference statistics {path} cannot be read as an .npz file ({e})") from e
+    with data:
+        missing = {"mu", "sigma"} - set(files)
         if missing:
-            raise KeyError(f"{path}: missing keys {sorted(missing)} (has {data.files})")
-        return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+            raise ValueError(f"reference statistics {path} lack the key(s) {sorted(missing)} (it has {files}); "
+                             "expected an .npz with mu [D] and sigma [D, D], as pytorch-fid and EDM write")
+        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    d = mu.shape[0] if mu.ndim == 1 else None
+    if d is None or sigma.shape != (d, d) or (dim is not None and d != dim):
+        want = f"{dim}" if dim is not None else "D"
+        raise ValueError(f"reference statistics {path}: mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)} do not "
+                         f"match features of width {want} (expected mu [{want}], sigma [{want}, {want}]; Inception "
+                         "pool3 features are 2048 wide)")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"reference statistics {path} contain NaN or infinite values "
+                         f"({int((~np.isfinite(mu)).sum())} in mu, {int((~np.isfinite(sigma)).sum())} in sigma)")
+    return mu, sigma
 
 
 # ----------------------------------------------------------------------------------------------

@@ -100,11 +100,12 @@ def _device(device: Optional[str]) -> "Any":
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def find_checkpoint(run_dir: PathLike, iteration: Optional[int] = None) -> tuple[int, Path]:
-    """(iteration, path) of the checkpoint of `run_dir` at `iteration` (None or < 0: the latest);
+def find_checkpoint(run_dir: PathLike, iteration: Optional[int] = None, which: str = "ema") -> tuple[int, Path]:
+    """(iteration, path) of the file of `run_dir` holding the `which` weights at `iteration` (None or
+    < 0: the latest), a full checkpoint or an EMA snapshot (`ayt.checkpoint.list_weights`);
     CheckpointError listing the available iterations when there is none."""
     from . import checkpoint as ck
-    ckpts = ck.list_checkpoints(run_dir)
+    ckpts = ck.list_weights(run_dir, which)
     if not ckpts:
         raise ck.CheckpointError(f"{run_dir} holds no checkpoints")
     if iteration is None or iteration < 0:
@@ -131,11 +132,14 @@ class LoadedCheckpoint:
 
 def load_checkpoint(run_dir: PathLike, iteration: Optional[int] = None, which: str = "ema",
                     device: Optional[str] = None) -> LoadedCheckpoint:
-    """`ayt.train.load_run_model` of the run's checkpoint at `iteration` (None or < 0: the latest);
-    keeps only the network and the checkpoint's small fields (not the optimiser state)."""
+    """`ayt.train.load_run_model` of the run's checkpoint at `iteration` (None or < 0: the newest
+    readable one, falling back past unreadable files); keeps only the network and the checkpoint's
+    small fields (not the optimiser state)."""
     from .train import load_run_model
     dev = _device(device)
-    net, cfg, state = load_run_model(find_checkpoint(run_dir, iteration)[1], which, dev)
+    latest = iteration is None or iteration < 0
+    path = run_dir if latest else find_checkpoint(run_dir, iteration, which)[1]
+    net, cfg, state = load_run_model(path, which, dev)
     return LoadedCheckpoint(Path(run_dir), int(state["iteration"]), which, net, cfg, int(state["img_channels"]),
                             int(state["label_dim"]), dev)
 
@@ -211,8 +215,7 @@ def tangent_grid_at(loaded: LoadedCheckpoint, dataset, distance, ts: Sequence[fl
     idx = torch.randperm(len(dataset), generator=g)[index:index + n]
     x_0 = torch.stack([dataset[int(i)][0] for i in idx]).to(dev)
     eps = torch.randn(x_0.shape, generator=g).to(dev)
-    ct = cfg.ct
-    schedule = C.TRSchedule(ct.P_mean, ct.P_std, ct.q, ct.k, ct.b, ct.mapping, ct.stage, ct.double_every)
+    schedule = C.TRSchedule.from_config(cfg.ct)
     grid = tangent_grid(loaded.net, x_0, eps, [float(t) for t in ts], distance, schedule, it=loaded.iteration, jvp=jvp)
     return {**{k: v.cpu() for k, v in grid.items()}, "iteration": loaded.iteration, "run_dir": str(loaded.run_dir)}
 

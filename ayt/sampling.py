@@ -51,6 +51,8 @@ def sampler(net: Callable, stage: str, img_channels: int, resolution: int, label
 def generate(net: Callable, stage: str, n: int, img_channels: int, resolution: int, label_dim: int, seed: int,
              device, steps: int = 1, batch: int = 256, progress: bool = False) -> torch.Tensor:
     """n samples [n, C, H, W] on the CPU, deterministic in seed; progress: report samples drawn (stderr)."""
+    if n < 1:
+        raise ValueError(f"the number of samples must be >= 1, got {n}")
     fn = sampler(net, stage, img_channels, resolution, label_dim, seed, device, steps)
     bar = Progress(n, "[sample]", "img") if progress else None
     if bar is not None:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ck
 from . import consistency as C
-from .config import ConfigError, TrainConfig, from_dict, to_dict
+from .config import ConfigError, TrainConfig, diff_settings, from_dict, to_dict
 from .objectives import ConsistencyObjective, DiffusionObjective, FeatureObjective
 from .progress import fmt_time as _fmt_time
 from .tracking import check_available, open_tracker, train_scalars
@@ -185,6 +185,12 @@ def load_init_weights(net: torch.nn.Module, path: str) -> str:
     p = _resolve_pretrained(path)
     ckpt = _read_ayt_checkpoint(p) if p.is_dir() or p.suffix == ".pt" else None
     if ckpt is not None:
+        stage = ckpt.get("stage") or from_dict(ckpt["config"]).stage
+        if stage == "feature":
+            raise ck.CheckpointError(f"net.init={path} is a feature-network run (stage 'feature'), it does not "
+                                     "match this model. net.init takes a diffusion or consistency run directory, "
+                                     "an ayt checkpoint of one, an EDM .pkl or a .pt state dict; the feature network "
+                                     "goes into ct.feature_net")
         ck.load_state_dict_strict(net, ckpt["ema"], f"net.init checkpoint {p}")
         return f"ayt checkpoint {p} (EMA, iteration {ckpt['iteration']})"
     load_into(net, load_edm_checkpoint(str(p)), strict=True)
@@ -192,10 +198,10 @@ def load_init_weights(net: torch.nn.Module, path: str) -> str:
 
 
 def _read_ayt_checkpoint(p: Path) -> Optional[dict]:
-    """A run directory's latest checkpoint, or the file's checkpoint if it is an ayt checkpoint (else None);
-    the file is read once."""
+    """A run directory's newest readable checkpoint or snapshot, or the file's checkpoint if it is an ayt
+    checkpoint (else None); the file is read once."""
     if p.is_dir():
-        return ck.load_checkpoint(ck.resolve_checkpoint(p))
+        return ck.load_run_checkpoint(p, "ema")[1]
     try:
         obj = ck.read_torch_file(p)
     except ck.CheckpointError:
@@ -211,9 +217,12 @@ def load_feature_net(path: str, arch: str, resolution: int, in_channels: int, nu
     if not p.exists():
         raise FileNotFoundError(f"ct.feature_net: no such run directory or file: {p} "
                                 "(train one first: python -m ayt train --preset <...>-feature-net)")
-    obj = ck.load_checkpoint(ck.resolve_checkpoint(p)) if p.is_dir() else ck.read_torch_file(p)
+    obj = ck.load_run_checkpoint(p, "model")[1] if p.is_dir() else ck.read_torch_file(p)
     if ck.is_checkpoint(obj):
         ckpt = ck.check_checkpoint(obj, p)
+        if ck.is_snapshot(ckpt):
+            raise ck.CheckpointError(f"ct.feature_net={p} is an EMA-only snapshot; pass the feature run directory "
+                                     "or one of its full checkpoints (checkpoints/ckpt-*.pt)")
         fcfg = from_dict(ckpt["config"])
         if fcfg.stage != "feature":
             raise ck.CheckpointError(f"ct.feature_net={p} is a {fcfg.stage!r} run, not a feature-network run")
@@ -271,7 +280,7 @@ def build_stage(cfg: TrainConfig, img_channels: int, label_dim: int, device: tor
     elif ct.mode in ("lpips", "ect+lpips"):
         from .losses import LPIPSDistance
         distance = LPIPSDistance().to(device)
-    schedule = C.TRSchedule(ct.P_mean, ct.P_std, ct.q, ct.k, ct.b, ct.mapping, ct.stage, ct.double_every)
+    schedule = C.TRSchedule.from_config(ct)
     objective = ConsistencyObjective(schedule, ct.mode, ct.c_mult, ct.weighting, distance, ct.lam, ct.lam_ramp_iters)
     return model, objective, {}, note
 
@@ -305,40 +314,140 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
-    """Create runs/<name>/ with config.json; an existing run needs --resume and the same settings
-    (except `iters`, which may be raised to continue training)."""
+# Settings that do not change the weights a run produces: they may differ on --resume (a moved or
+# renamed run directory resumes too). The layout (processes, batch_per_device) is checked separately,
+# against the checkpoint (`check_resume_layout`).
+RESUME_MAY_CHANGE = ("iters", "keep_last", "snapshot_every", "ckpt_every", "log_every", "sample_every",
+                     "eval_every", "eval_samples", "log", "name", "run_root", "batch_per_device")
+
+
+def run_directory(cfg: TrainConfig) -> Path:
     if not cfg.name:
         raise ConfigError("the run needs a name: set name=<run name> or use a preset")
-    run_dir = Path(cfg.run_root) / cfg.name
+    return Path(cfg.run_root) / cfg.name
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
+    """Check runs/<name>/ for this start: an existing run needs --resume and the same settings, except
+    those in RESUME_MAY_CHANGE (e.g. `iters`, raised to continue training); each changed setting is
+    named with its old and new value."""
+    run_dir = run_directory(cfg)
     cfg_file = run_dir / "config.json"
     if cfg_file.exists():
         if not resume and ck.list_checkpoints(run_dir):
             raise ConfigError(f"run directory {run_dir} already holds a run: pass --resume to continue it, "
                               "or choose another name=")
-        try:  # settings added to TrainConfig since the file was written get their defaults
-            old = to_dict(from_dict(json.loads(cfg_file.read_text())))
-        except (ConfigError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{cfg_file} does not hold a readable run configuration: {e}") from None
-        new = to_dict(cfg)
-        diff = sorted(k for k in set(old) | set(new) if k not in ("iters", "log") and old.get(k) != new.get(k))
-        if resume and diff:
-            raise ConfigError(f"--resume with settings that differ from {cfg_file}: {', '.join(diff)}")
+        if resume:
+            try:  # settings added to TrainConfig since the file was written get their defaults (config.migrate)
+                old = to_dict(from_dict(json.loads(cfg_file.read_text())))
+            except (ConfigError, json.JSONDecodeError) as e:
+                raise ConfigError(f"{cfg_file} does not hold a readable run configuration: {e}") from None
+            diff = diff_settings(old, to_dict(cfg), RESUME_MAY_CHANGE)
+            if diff:
+                raise ConfigError(f"--resume with settings that differ from the run's {cfg_file}: {'; '.join(diff)}. "
+                                  "Resume with the run's settings or start a new run (name=...); only "
+                                  f"{', '.join(RESUME_MAY_CHANGE)} may change on --resume")
     return run_dir
 
 
+def claim_run_dir(run_dir: Path) -> ck.FileLock:
+    """Create the run directory and take its lock (rank 0): one writer per run. A read-only or
+    otherwise unwritable run root is a ConfigError naming it."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return ck.run_lock(run_dir).acquire()
+    except ck.RunInUseError:
+        raise
+    except OSError as e:
+        raise ConfigError(f"cannot write the run directory {run_dir}: {e.strerror or e} ({type(e).__name__}). "
+                          f"run_root={run_dir.parent} must be a writable directory: choose another run_root=") from e
+
+
+def _raise_on_all_ranks(d: Dist, exc: Optional[BaseException]) -> None:
+    """Rank 0's failure (or None), raised on every rank, so that no rank waits for the others."""
+    if d.world > 1:
+        box = [exc]
+        dist.broadcast_object_list(box, src=0)
+        exc = box[0]
+    if exc is not None:
+        raise exc
+
+
+def check_resume_layout(state: dict, path, world: int, micro: int, accum: int, allow: bool) -> Optional[str]:
+    """A checkpoint continues bitwise only with the layout that wrote it: noise, dropout and data shards
+    are seeded per (rank, micro-step). Returns None when the layout matches, a warning text when it
+    does not but `allow` (--allow-world-change) is set or the checkpoint predates the record; else
+    raises ConfigError naming both layouts."""
+    old = (state.get("world_size"), state.get("accum_steps"), state.get("batch_per_device"))
+    if None in old:
+        return (f"{path} does not record the number of processes and micro-batching (written by an earlier "
+                "version); resuming assumes they are unchanged")
+    new = (world, accum, micro)
+    if tuple(int(v) for v in old) == new:
+        return None
+    text = (f"{path} was written by {old[0]} process(es) x {old[1]} accumulation step(s) x {old[2]} images per "
+            f"device; this start has {world} x {accum} x {micro}")
+    if allow:
+        return (f"{text}. Continuing because of --allow-world-change: the run will not be bitwise identical to an "
+                "uninterrupted one")
+    raise ConfigError(f"{text}. Noise, dropout and data shards are seeded per process and micro-step, so the run "
+                      f"would not continue bitwise identically: resume with {old[0]} process(es) "
+                      f"(torchrun world size) and batch_per_device={old[2]}, or pass --allow-world-change "
+                      "(train(..., allow_world_change=True)) to continue as a run that is not bitwise identical")
+
+
+def _resume_point(run_dir: Path, d: Dist) -> Optional[tuple[Path, dict]]:
+    """(path, state) of the newest readable checkpoint, or None: rank 0 chooses it, moving unreadable
+    newer ones aside with a warning, and every rank loads the same file."""
+    found = None
+    if d.is_main:
+        ckpts = ck.list_checkpoints(run_dir)
+        found = ck.load_newest_readable(ckpts, f"run directory {run_dir}") if ckpts else None
+    if d.world == 1:
+        return found
+    box = [str(found[0]) if found else None]
+    dist.broadcast_object_list(box, src=0)
+    if d.is_main or box[0] is None:
+        return found
+    return Path(box[0]), ck.load_checkpoint(box[0])
+
+
 def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = None,
-          stop_after: Optional[int] = None) -> Path:
+          stop_after: Optional[int] = None, allow_world_change: bool = False) -> Path:
     """Run (or resume) the training described by cfg. Returns the run directory.
 
     eval_fn(ema_model, it, run_dir) -> dict is called every cfg.eval_every iterations (rank 0 logs it).
     stop_after: end the process's work after this many iterations of this call (tests / time-boxing);
-    the run stays resumable.
+    the run stays resumable. allow_world_change: resume a checkpoint written with another number of
+    processes or micro-batching (warned: not bitwise identical).
+    Rank 0 holds the run directory's lock (<run>/LOCK) for the whole call; a second writer is refused.
     """
     d = setup_distributed(cfg.device)
+    run_dir = run_directory(cfg)
+    lock, created, failure = None, False, None
+    if d.is_main:
+        created = not run_dir.exists()
+        try:
+            lock = claim_run_dir(run_dir)
+        except (ConfigError, ck.RunInUseError) as e:
+            failure = e
+    try:
+        _raise_on_all_ranks(d, failure)
+        return _train(cfg, d, resume, eval_fn, stop_after, allow_world_change)
+    finally:
+        if lock is not None:
+            lock.release()
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a start that failed before writing anything leaves no empty run directory
+
+
+def _train(cfg: TrainConfig, d: Dist, resume: bool, eval_fn: Optional[Callable], stop_after: Optional[int],
+           allow_world_change: bool) -> Path:
     torch.manual_seed(derive_seed(cfg.seed, d.rank, 0xB0))
     run_dir = prepare_run_dir(cfg, resume)
     check_available(cfg.log)  # a missing tensorboard / wandb stops the run before any work
+    if d.is_main:
+        ck.remove_stale_temps(run_dir)  # left by a killed writer; nobody else writes here (we hold the lock)
     ds = build_dataset(cfg)
     img_channels = ds.num_channels
     label_dim = ds.label_dim if cfg.data.conditional else 0
@@ -355,10 +464,13 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
     opt = make_optimizer(cfg, list(model.parameters()) + (list(aux.parameters()) if aux is not None else []))
     start_it = 0
 
-    # Resume
-    latest = ck.latest_checkpoint(run_dir)
-    if resume and latest is not None:
-        state = ck.load_checkpoint(latest)
+    # Resume (from the newest readable checkpoint)
+    found = _resume_point(run_dir, d) if resume else None
+    if found is not None:
+        latest, state = found
+        note = check_resume_layout(state, latest, d.world, micro, accum, allow_world_change)
+        if note and d.is_main:
+            ck.warn(note)
         if state.get("stage") != cfg.stage:
             raise ck.CheckpointError(f"{latest} is a {state.get('stage')!r} checkpoint; this run is {cfg.stage!r}")
         ck.load_state_dict_strict(model, state["model"], f"checkpoint {latest}")
@@ -369,7 +481,6 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
         start_it = int(state["iteration"])
         init_note = f"resumed from {latest} at iteration {start_it}"
     if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         ck.write_json_atomic(to_dict(cfg), run_dir / "config.json")
         truncate_metrics(run_dir / "metrics.jsonl", start_it)
     # Live metrics (rank 0): the new event file purges the steps logged after the checkpoint (ayt.tracking)
@@ -386,6 +497,8 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
         eval_fn = make_eval_hook(cfg)
     ddp_model = model
     if d.world > 1:
+        if cfg.stage == "feature" and cfg.feature.sync_bn:
+            model = _sync_batchnorm(model, d, micro)
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[d.device] if d.device.type == "cuda" else None)
 
@@ -398,17 +511,24 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
     t_start, last_log_t, last_log_it = time.time(), time.time(), start_it
     end_it = cfg.iters if stop_after is None else min(cfg.iters, start_it + stop_after)
 
+    header = {"format": ck.FORMAT, "version": ck.VERSION, "stage": cfg.stage, "config": to_dict(cfg), **extra}
+
     def save(it: int):
+        """A full checkpoint (with the layout it was written with), then retention: the last keep_last."""
         if not d.is_main:
             return
-        ck.save_atomic({"format": ck.FORMAT, "version": ck.VERSION, "stage": cfg.stage, "iteration": it,
-                        "data_position": it * cfg.batch, "config": to_dict(cfg), "model": model.state_dict(),
-                        "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_state(), **extra,
-                        **({"objective": aux.state_dict()} if aux is not None else {})},
+        ck.save_atomic({**header, "kind": "checkpoint", "iteration": it, "data_position": it * cfg.batch,
+                        "world_size": d.world, "batch_per_device": micro, "accum_steps": accum,
+                        "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                        "rng": _rng_state(), **({"objective": aux.state_dict()} if aux is not None else {})},
                        ck.checkpoint_path(run_dir, it))
-        if not cfg.keep_checkpoints:
-            for old_it, p in ck.list_checkpoints(run_dir)[:-1]:
-                p.unlink(missing_ok=True)
+        ck.prune_checkpoints(run_dir, cfg.keep_last)
+
+    def save_snapshot(it: int):
+        """An EMA-only snapshot (evaluation, sampling, figures), never pruned."""
+        if d.is_main:
+            ck.save_atomic({**header, "kind": "snapshot", "iteration": it, "ema": ema.state_dict()},
+                           ck.snapshot_path(run_dir, it), "snapshot")
 
     for it in range(start_it, end_it):
         for g in opt.param_groups:  # linear warm-up
@@ -451,8 +571,7 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
             rec = {"iteration": done, **{k: round(v, 6) for k, v in loss_value.items()},
                    "lr": opt.param_groups[0]["lr"], "it_per_s": round(rate, 3), "time_s": round(now - t_start, 2)}
             if d.is_main:
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                ck.append_jsonl(metrics_file, rec)
                 tracker.scalars(done, train_scalars(rec))
                 _print_progress(cfg, done, loss_value, rate)
             last_log_t, last_log_it = now, done
@@ -465,16 +584,16 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
         if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0:
             res = eval_fn(ema, done, run_dir)
             if d.is_main and res:
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps({"iteration": done, **res}) + "\n")
+                ck.append_jsonl(metrics_file, {"iteration": done, **res})
                 tracker.scalars(done, train_scalars(res))
         if diag is not None and done % cfg.diagnostic.every == 0:
             rec = {"iteration": done, **diag(model, it)}
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            ck.append_jsonl(metrics_file, rec)
             tracker.scalars(done, train_scalars(rec))
         if done % cfg.ckpt_every == 0 or done == cfg.iters:
             save(done)
+        if cfg.snapshot_every and done % cfg.snapshot_every == 0:
+            save_snapshot(done)
     replicas = model if aux is None else torch.nn.ModuleList([model, aux])
     ddp_check = replica_divergence(replicas, d) if d.world > 1 else None
     if end_it == cfg.iters and d.is_main:
@@ -485,6 +604,21 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
     if d.world > 1:
         dist.barrier()
     return run_dir
+
+
+def _sync_batchnorm(model: torch.nn.Module, d: Dist, micro: int) -> torch.nn.Module:
+    """The feature net's BatchNorm layers as SyncBatchNorm under DDP, so that they normalise over the
+    batch of all processes (the authors train it on one GPU with the whole batch). SyncBatchNorm runs
+    on GPUs only: on CPU (gloo) each process keeps its own statistics, with a warning. The state dict
+    keys are unchanged."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    if d.device.type != "cuda":
+        _log(d, f"[ayt] warning: SyncBatchNorm needs GPUs; on {d.device.type} each of the {d.world} processes "
+                f"normalises BatchNorm over its own {micro} images (feature.sync_bn=false silences this)")
+        return model
+    _log(d, f"[ayt] feature net: SyncBatchNorm over {d.world} processes ({d.world * micro} images per BatchNorm)")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 @torch.no_grad()
@@ -505,9 +639,7 @@ def truncate_metrics(path: Path, last_it: int) -> None:
     lines = [l for l in path.read_text().splitlines() if l.strip()]
     keep = [l for l in lines if json.loads(l).get("iteration", 0) <= last_it]
     if len(keep) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(l + "\n" for l in keep))
-        os.replace(tmp, path)
+        ck.write_bytes_atomic("".join(l + "\n" for l in keep).encode(), path)
 
 
 def _reduce_mean(stats: dict[str, torch.Tensor], d: Dist) -> dict[str, float]:
@@ -529,13 +661,13 @@ def _print_progress(cfg: TrainConfig, done: int, stats: dict[str, float], rate: 
 
 
 def load_run_model(path, which: str = "ema", device="cpu") -> tuple[torch.nn.Module, TrainConfig, dict]:
-    """(network in eval mode, its run config, the checkpoint dict) from a run directory or checkpoint file.
-    which: "ema" (what sampling and evaluation use) or "model" (the raw weights)."""
-    ckpt_path = ck.resolve_checkpoint(path)
-    state = ck.load_checkpoint(ckpt_path)
-    cfg = from_dict(state["config"])
+    """(network in eval mode, its run config, the checkpoint dict) from a run directory (its newest readable
+    checkpoint or snapshot, see `ayt.checkpoint.load_run_checkpoint`), checkpoint or snapshot file.
+    which: "ema" (what sampling and evaluation use) or "model" (the raw weights; full checkpoints only)."""
     if which not in ("ema", "model"):
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+    ckpt_path, state = ck.load_run_checkpoint(path, which)
+    cfg = from_dict(state["config"])
     if cfg.stage == "feature":
         from .features import build_feature_net
         net = build_feature_net(cfg.feature.arch, resolution=cfg.data.resolution, in_channels=state["img_channels"],
@@ -560,23 +692,22 @@ def save_sample_grid(ema, cfg: TrainConfig, img_channels: int, label_dim: int, p
 
 def finish_run(cfg: TrainConfig, run_dir: Path, model, ema, ds, device, wall_s: float, start_it: int,
                ddp_check: Optional[dict] = None) -> None:
-    """Write results.json; a feature network reports its per-label regression quality (R^2)."""
-    results_path = run_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    results["train"] = {"iterations": cfg.iters, "wall_clock_s_last_session": round(wall_s, 1),
-                        "started_at_iteration": start_it}
+    """Write results.json (under its lock: `ayt eval` may write it at the same time); a feature network
+    reports its per-label regression quality (R^2)."""
+    new = {"train": {"iterations": cfg.iters, "wall_clock_s_last_session": round(wall_s, 1),
+                     "started_at_iteration": start_it}}
     if ddp_check is not None:
-        results["ddp"] = ddp_check
+        new["ddp"] = ddp_check
     if cfg.stage == "feature" and cfg.feature.objective == "denoise":
         from .feature_nets import denoising_quality
-        results["feature_net"] = denoising_quality(model, ds, device, cfg.feature.eval_images, cfg.seed)
+        new["feature_net"] = denoising_quality(model, ds, device, cfg.feature.eval_images, cfg.seed)
         _log(Dist(), "[ayt] autoencoder reconstruction RMSE by sigma: " +
-             ", ".join(f"{k} {v:.4f}" for k, v in results["feature_net"]["rmse"].items()))
+             ", ".join(f"{k} {v:.4f}" for k, v in new["feature_net"]["rmse"].items()))
     elif cfg.stage == "feature":
-        results["feature_net"] = feature_net_quality(model, cfg, ds, device)
+        new["feature_net"] = feature_net_quality(model, cfg, ds, device)
         _log(Dist(), "[ayt] feature net R^2 per label: " +
-             ", ".join(f"{k} {v:.3f}" for k, v in results["feature_net"]["r2"].items()))
-    ck.write_json_atomic(results, results_path)
+             ", ".join(f"{k} {v:.3f}" for k, v in new["feature_net"]["r2"].items()))
+    ck.update_json(run_dir / "results.json", lambda results: results.update(new))
 
 
 @torch.no_grad()
