@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="write a sample grid from a run's EMA network", formatter_class=HelpFormatter,
                        description="Draw samples from a run's EMA network and write them as one PNG grid.")
     s.add_argument("run", help="run directory (its latest checkpoint) or checkpoint file")
-    s.add_argument("--n", type=_positive_int, default=64, help="number of samples in the grid (>= 1)")
+    s.add_argument("--n", type=_positive_int, default=64, help="number of samples in the grid")
     s.add_argument("--steps", type=int, default=1, choices=(1, 2),
                    help="consistency sampling steps (diffusion runs always use the 18-step Heun sampler)")
     s.add_argument("--seed", type=int, default=0, help="seed of the noise (batch i uses the seed (seed, i))")
