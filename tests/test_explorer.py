@@ -26,7 +26,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("explorer")
     common = {"run_root": str(root), "data.name": "shapes", "data.resolution": 8, "data.num_images": 64,
               "device": "cpu", "batch": 8, "iters": 3, "log_every": 1, "ckpt_every": 1, "sample_every": 0,
-              "ema_decay": 0.0}              # EMA = model: every checkpoint draws differently
+              "ema_decay": 0.0,              # EMA = model: every checkpoint draws differently
+              "keep_last": 1, "snapshot_every": 1}  # iterations 1, 2 from EMA snapshots, 3 also a full checkpoint
     feat = train(make_config(None, {**common, "name": "feat", "stage": "feature", "feature.arch": "mini-vgg",
                                     "feature.eval_images": 16, "iters": 1}))
     ct = {**common, "stage": "consistency", "net.arch": "tiny", "ct.feature_arch": "mini-vgg"}
