@@ -782,7 +782,7 @@ def over_training_note(res: dict) -> Optional[str]:
     which = "; ".join(f"run {name!r} has {len(its)} (iterations {its})" for name, its in short.items())
     return (f"{_study_title(res)}: the over-training figure needs at least {MIN_CHECKPOINTS_OVER_TRAINING} "
             f"checkpoints per run (successive output updates f_(k+1) - f_k and f_k - f_(k-1)); {which}. "
-            "Train with a smaller ckpt_every (and keep_checkpoints=true) to draw it.")
+            "Train with a smaller ckpt_every (and keep_last=0, which keeps every checkpoint) to draw it.")
 
 
 def plot_tangent_over_training(res: dict, path: PathLike, ts: Optional[Sequence[float]] = None) -> Path:
