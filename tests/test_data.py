@@ -68,7 +68,7 @@ def test_cifar10_reader_and_items(tmp_path):
 
 def test_cifar10_resolution(tmp_path):
     write_cifar(str(tmp_path))
-    with pytest.raises(ValueError, match="resize=True"):
+    with pytest.raises(ValueError, match="data.resize=true"):
         D.get_dataset("cifar10", root=str(tmp_path), resolution=16)
     ds = D.get_dataset("cifar10", root=str(tmp_path), resolution=16, resize=True)
     check_items(ds, 15, 3, 16, 0)
@@ -210,13 +210,13 @@ def test_folder_labels_from_subfolders_and_grey(tmp_path):
 
 def test_folder_resolution_mismatch_and_mixed_images(tmp_path):
     write_pngs(str(tmp_path))
-    with pytest.raises(ValueError, match="resize=True"):
+    with pytest.raises(ValueError, match="data.resize=true"):
         D.get_dataset("folder", root=str(tmp_path), resolution=16)
     ds = D.get_dataset("folder", root=str(tmp_path), resolution=16, resize=True)
     check_items(ds, 6, 3, 16, 0)
     # A second resolution in the folder is an error unless everything is resized.
     PIL.Image.new("RGB", (10, 10)).save(tmp_path / "odd.png")
-    with pytest.raises(ValueError, match="different resolutions"):
+    with pytest.raises(ValueError, match="different or non-square sizes.*odd.png is 10x10.*data.resize=true"):
         D.get_dataset("folder", root=str(tmp_path))
     check_items(D.get_dataset("folder", root=str(tmp_path), resolution=8, resize=True), 7, 3, 8, 0)
     os.remove(tmp_path / "odd.png")
@@ -242,7 +242,7 @@ def test_zip_dataset(tmp_path):
     clone = pickle.loads(pickle.dumps(ds))
     assert clone._zip is None
     assert torch.equal(clone[2][0], ds[2][0]) and torch.equal(clone[2][1], ds[2][1])
-    with pytest.raises(ValueError, match="resize=True"):
+    with pytest.raises(ValueError, match="data.resize=true"):
         D.get_dataset("zip", root=path, resolution=32)
     with pytest.raises(D.DatasetNotFoundError):
         D.get_dataset("zip", root=str(tmp_path / "missing.zip"))

@@ -51,7 +51,7 @@ def test_fd_eval_records(ct_run, evaluator_file):
         assert _finite(r, "fd_eval") and len(r["fd_eval"]["runs"]) == 2
         assert r["fd_eval"]["min"] <= r["fd_eval"]["mean"]
     one = next(r for r in recs if r["sampler"] == "1step")
-    for key in ("precision", "recall", "swd_pixels", "manifold_error"):
+    for key in ("precision", "recall", "swd", "swd_16px", "swd_8px", "manifold_error"):
         assert _finite(one, key)
     saved = json.loads((ct_run / "results.json").read_text())["eval"]
     assert len(saved) == 6
@@ -74,7 +74,7 @@ def test_fid_path_with_local_weights(ct_run, tmp_path):
 def test_eval_hook_in_training(tmp_path, evaluator_file, monkeypatch):
     import ayt.evaluate as E
     real = E.shapes_evaluator
-    monkeypatch.setattr(E, "shapes_evaluator", lambda res, path=None, device="cpu": real(res, evaluator_file, device))
+    monkeypatch.setattr(E, "shapes_evaluator", lambda res, path=None, device="cpu", **kw: real(res, evaluator_file, device))
     cfg = make_config(None, {"stage": "consistency", "ct.mode": "ect", "name": "hook", "run_root": str(tmp_path),
                              "data.name": "shapes", "data.resolution": 16, "data.num_images": 64, "net.arch": "tiny",
                              "batch": 4, "iters": 2, "ckpt_every": 2, "log_every": 1, "eval_every": 2,
