@@ -1131,16 +1131,21 @@ def make_photo_crops(n: int, resolution: int = 16, downscale: float = PHOTO_DOWN
     counts = [n // S + (k < n % S) for k in range(S)]
     images, labels, boxes = [], [], []
     r = torch.arange(resolution)
+    too_small = []
+    for k, photo in enumerate(photos):
+        try:
+            photo_regions(photo.shape[1], photo.shape[2], resolution, split)
+        except ValueError:
+            too_small.append(f"{PHOTO_SOURCES[k].name} is {photo.shape[1]}x{photo.shape[2]}")
+    if too_small:  # the largest factor at which every photograph has room for a crop in both regions
+        most = min(downscale * min(min(p.shape[1:]) / resolution, max(p.shape[1:]) / (2 * resolution)) for p in photos)
+        raise ValueError(
+            f"photos: {len(too_small)} of {len(photos)} photographs are too small for {resolution} px crops in both "
+            f"splits after data.photo_downscale={downscale:g} ({', '.join(too_small)}); lower data.photo_downscale "
+            f"(to at most about {math.floor(most * 10) / 10:g}) or data.resolution")
     for k, (photo, m) in enumerate(zip(photos, counts)):
         h, w = photo.shape[-2:]
-        try:
-            axis, lo, hi = photo_regions(h, w, resolution, split)
-        except ValueError:
-            most = downscale * min(min(h, w) / resolution, max(h, w) / (2 * resolution))  # both regions >= R
-            raise ValueError(
-                f"photos: {PHOTO_SOURCES[k].name} is {h}x{w} after data.photo_downscale={downscale:g}, too small "
-                f"for {resolution} px crops in both splits; lower data.photo_downscale (to at most about "
-                f"{math.floor(most * 10) / 10:g}) or data.resolution") from None
+        axis, lo, hi = photo_regions(h, w, resolution, split)
         along = lo + torch.randint(0, hi - lo + 1, (m,), generator=g)
         across = torch.randint(0, (w if axis == 0 else h) - resolution + 1, (m,), generator=g)
         top, left = (across, along) if axis == 1 else (along, across)
