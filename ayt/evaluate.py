@@ -258,14 +258,18 @@ class FeatureSpace:
     ``FeatureSpace(cfg, ecfg, device)``; ``space.score(sample_fn, n)`` -> {metric: value, extras...};
     ``space.metric`` ('fid' | 'fd_eval' | 'swd'), ``space.reason`` (the line saying which and why),
     ``space.ref_note`` (which real images are the reference). ``dataset`` (optional) is the run's training
-    data when the caller has it already.
+    data when the caller has it already; ``log`` (optional) gets the reason line as soon as the metric is
+    chosen (before an evaluator is trained or reference features are computed).
     """
 
-    def __init__(self, cfg: TrainConfig, ecfg: EvalConfig, device, dataset=None):
+    def __init__(self, cfg: TrainConfig, ecfg: EvalConfig, device, dataset=None,
+                 log: Optional[Callable[[str], None]] = None):
         from .train import build_dataset
         self.cfg, self.ecfg, self.device = cfg, ecfg, device
         self.dataset = dataset if dataset is not None else build_dataset(cfg)  # training data (dFID, FID ref)
         self.metric, self.reason = choose_metric(cfg, ecfg, self.dataset)
+        if log is not None:
+            log(self.reason)
         self.ref_feats = None
         self._swd_real: dict[int, torch.Tensor] = {}
         if self.metric == "fid":
@@ -461,8 +465,7 @@ def evaluate_run(run_dir, ecfg: EvalConfig, which: str = "latest", log: Callable
         check_available(cfg.log)  # a missing tensorboard / wandb stops before any work
     tracker: Optional[Tracker] = None  # opened once the first records are in results.json
     device = torch.device(ecfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    space = FeatureSpace(cfg, ecfg, device)
-    log(f"[eval] {run_dir.name}: {space.reason}")
+    space = FeatureSpace(cfg, ecfg, device, log=lambda reason: log(f"[eval] {run_dir.name}: {reason}"))
     out = []
     with Progress(len(paths) * samples_per_checkpoint(cfg.stage, ecfg), f"[eval {run_dir.name}]", "img") as bar:
         say = bar.writer(log)
