@@ -43,7 +43,7 @@ paper: setup
 	$(TORCHRUN) -m ayt train --preset cifar10-feature-net data.download=true --resume
 	$(TORCHRUN) -m ayt train --preset cifar10-ect --resume
 	$(TORCHRUN) -m ayt train --preset cifar10-ayt --resume
-	$(TORCHRUN) -m ayt eval runs/cifar10-ect runs/cifar10-ayt --checkpoints all --n 50000 --runs 3
+	$(TORCHRUN) -m ayt eval runs/cifar10-ect runs/cifar10-ayt --metric fid --checkpoints all --n 50000 --runs 3
 	$(PY) -m ayt notebook notebooks/05_paper_figures.ipynb -p figures_dir figures
 
 clean:

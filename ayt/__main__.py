@@ -115,6 +115,7 @@ def cmd_eval(args) -> int:
     ecfg = EvalConfig(metric=args.metric, n=args.n, runs=args.runs, steps=tuple(args.steps),
                       dfid_sigmas=tuple(args.dfid_sigmas) if args.dfid else (), batch=args.batch, seed=args.seed,
                       ref=args.ref, ref_images=args.ref_images, inception=args.inception, evaluator=args.evaluator,
+                      evaluator_steps=args.evaluator_steps, swd_images=args.swd_images,
                       extras=not args.no_extras, device=args.device)
     d = setup_distributed(args.device)  # under torchrun: samples and features split across ranks
     if ecfg.device is None:
@@ -231,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="PNG file to write (default: <run>/samples/sample-<iteration>-<steps>step-seed<seed>.png)")
     s.set_defaults(fn=cmd_sample)
 
-    e = sub.add_parser("eval", help="FID / FD_eval of runs' checkpoints (1- and 2-step, dFID); appends to results.json",
+    e = sub.add_parser("eval", help="FID / FD_eval / SWD of runs' checkpoints (1- and 2-step, dFID); appends to "
+                       "results.json",
                        formatter_class=HelpFormatter,
                        description="Evaluate checkpoints; records go to <run>/results.json (key 'eval') and, with "
                                    "the run's log.* settings, to TensorBoard (<run>/tb/eval) and W&B. The defaults "
@@ -239,8 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "e.g. --n 2000 --runs 1 --no-dfid.")
     e.add_argument("runs_dirs", nargs="+", metavar="RUN", help="run directories")
     e.add_argument("--checkpoints", default="latest", help="latest | all | comma-separated iterations")
-    e.add_argument("--metric", default="auto", choices=("auto", "fid", "fd_eval"),
-                   help="auto: fd_eval (shapes evaluator) on the built-in shapes data, FID otherwise")
+    e.add_argument("--metric", default="auto", choices=("auto", "fid", "fd_eval", "swd"),
+                   help="auto: FID when the Inception weights are on disk, else FD_eval (a classifier evaluator "
+                        "trained once on the run's labelled data, or the shapes evaluator), else SWD (multi-scale "
+                        "sliced Wasserstein, no network); one line says which and why")
     e.add_argument("--n", type=int, default=50000, help="samples per sampling run")
     e.add_argument("--runs", type=int, default=3, help="sampling runs per checkpoint (mean, std, min)")
     e.add_argument("--steps", type=int, nargs="+", default=[1, 2], choices=(1, 2),
@@ -253,10 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="sampling run k uses seed + 1000 k")
     e.add_argument("--ref", help="reference statistics .npz (keys mu, sigma), e.g. pytorch-fid's or EDM's CIFAR-10 "
                                  "file (default: computed from the run's data, cached in data/fid-refs/)")
-    e.add_argument("--ref-images", type=int, default=50000, help="images for computed reference statistics")
+    e.add_argument("--ref-images", type=int, default=50000,
+                   help="real images for computed reference statistics (FID) and reference features (FD_eval)")
     e.add_argument("--inception", help="pt_inception-2015-12-05-6726825d.pth (default: $AYT_INCEPTION_WEIGHTS, "
                                        "then the torch hub cache)")
-    e.add_argument("--evaluator", help="shapes evaluator file (default: trained once, cached under data/evaluators)")
+    e.add_argument("--evaluator", help="FD_eval evaluator file: loaded if it exists, else trained and saved there "
+                   "(default: data/evaluators/<dataset key>.pt)")
+    e.add_argument("--evaluator-steps", type=int, default=3000, help="training steps of a new FD_eval evaluator")
+    e.add_argument("--swd-images", type=int, default=8192, help="SWD: at most this many images per set (ProGAN: 8192)")
     e.add_argument("--no-extras", action="store_true", help="fd_eval: skip precision/recall, SWD, manifold error")
     e.add_argument("--track", action=argparse.BooleanOptionalAction, default=True,
                    help="log the scores to the run's TensorBoard / W&B as its log.* settings say")

@@ -22,13 +22,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "cifar10"            # cifar10 | mnist | fashion-mnist | folder | zip | shapes | disk
-    root: Optional[str] = None       # dataset directory / archive (default: ./data/<name>)
-    resolution: int = 32             # image resolution the run expects (checked against the data)
-    download: bool = False           # torchvision datasets: download when missing
+    name: str = "cifar10"            # cifar10 | mnist | fashion-mnist | folder | zip | shapes | disk | photos
+    root: Optional[str] = None       # folder: the image directory; zip: the .zip archive; others: data root (default ./data)
+    resolution: int = 32             # image size R, a power of two >= 4 (photos: >= 8); checked against the data
+    split: str = "train"             # train | test (held-out split: cifar10, mnist, fashion-mnist, photos)
+    download: bool = False           # cifar10 / mnist / fashion-mnist: download when missing
     conditional: bool = False        # use class labels (one-hot) when the dataset has them
-    num_images: int = 50000          # built-in datasets only: how many images to generate
-    seed: int = 0                    # built-in datasets only: generator seed
+    labels: str = "auto"             # folder / zip: auto (dataset.json if present) | json | folders (class = top subfolder) | none
+    resize: bool = False             # resize images of another size to R (antialiased; non-square ones centre-cropped first)
+    skip_unreadable: bool = False    # folder / zip: skip unreadable files (printed count) instead of stopping
+    num_images: int = 50000          # shapes / disk / photos: how many images to generate
+    seed: int = 0                    # shapes / disk / photos: generator seed
+    photo_downscale: float = 4.0     # photos: shrink each photograph by this factor (>= 1, antialiased) before cropping
 
 
 @dataclass
@@ -163,6 +168,7 @@ class TrainConfig:
 
 
 STAGES = ("diffusion", "consistency", "feature")
+DATASETS = ("cifar10", "mnist", "fashion-mnist", "folder", "zip", "shapes", "disk", "photos")  # ayt.data.DATASET_NAMES
 CT_MODES = ("ect", "mfd", "ect+mfd", "lpips", "ect+lpips", "ccd", "ccd-ayt", "cct", "cct-ayt")
 FEATURE_NET_MODES = ("mfd", "ect+mfd", "ccd-ayt", "cct-ayt")   # modes that need ct.feature_net
 
@@ -405,6 +411,17 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.feature.objective in ("augment", "denoise"), f"feature.objective={cfg.feature.objective!r}; expected "
          "augment or denoise")
     need(cfg.feature.sigma_max > 0 and cfg.feature.c_mult >= 0, "feature.sigma_max must be > 0, feature.c_mult >= 0")
+    d = cfg.data
+    need(d.name in DATASETS, f"data.name={d.name!r}; expected one of {', '.join(DATASETS)}")
+    need(d.split in ("train", "test"), f"data.split={d.split!r}; expected train or test")
+    need(d.split == "train" or d.name in ("cifar10", "mnist", "fashion-mnist", "photos"),
+         f"data.split=test: dataset {d.name!r} has no held-out split (cifar10, mnist, fashion-mnist and photos have one)")
+    need(d.labels in ("auto", "json", "folders", "none"), f"data.labels={d.labels!r}; expected auto, json, folders or none")
+    need(d.labels == "auto" or d.name in ("folder", "zip"), f"data.labels={d.labels} applies to data.name=folder or zip only")
+    need(d.photo_downscale >= 1, f"data.photo_downscale={d.photo_downscale} must be >= 1")
+    need(d.num_images >= 1, "data.num_images must be >= 1")
+    if d.name == "photos":
+        need(d.resolution >= 8, f"data.resolution={d.resolution}: the photos data needs a power of two >= 8")
     if cfg.data.name == "disk":  # vector data as [N, D, 1, 1] images
         need(cfg.data.resolution == 1, f"data.resolution={cfg.data.resolution}: the disk data has resolution 1")
     else:
@@ -534,6 +551,49 @@ def format_settings(cfg: TrainConfig, base: Optional[TrainConfig] = None, mark: 
     return "\n".join(lines)
 
 
+def _field_comments(cls) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in a dataclass's source (its allowed values and meaning)."""
+    import inspect
+    import io
+    import tokenize
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source (frozen app): no comments
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    out = {}
+    for i, line in enumerate(source.splitlines(), start=1):
+        head = line.strip().split(":", 1)[0]
+        if head in names and i in comments and line.startswith("    ") and not line.startswith("     "):
+            out[head] = comments[i]
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(inner[0])} or none"
+    return "true | false" if tp is bool else getattr(tp, "__name__", str(tp))
+
+
 def describe_settings() -> str:
-    """All settings with their defaults, for --help."""
-    return format_settings(TrainConfig())
+    """All settings with their defaults, types and allowed values / meaning (each field's trailing
+    comment in this module), for --help. One line per setting: ``  key=default  [type] comment``."""
+    rows = []
+
+    def walk(prefix: str, obj):
+        types, comments = _field_types(type(obj)), _field_comments(type(obj))
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(f"{prefix}{f.name}.", v)
+            else:
+                rows.append((f"{prefix}{f.name}={json.dumps(v)}", f"[{_type_name(types[f.name])}]",
+                             comments.get(f.name, "")))
+    walk("", TrainConfig())
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {k:<{width}}  {t} {c}".rstrip() for k, t, c in rows)

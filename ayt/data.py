@@ -1,5 +1,5 @@
-"""Datasets: CIFAR-10, (Fashion-)MNIST, image folders / EDM zip archives, and two built-in
-synthetic sets (antialiased shapes; a flat 2-D disk in R^D).
+"""Datasets: CIFAR-10, (Fashion-)MNIST, image folders / EDM zip archives, two built-in synthetic
+sets (antialiased shapes; a flat 2-D disk in R^D) and a built-in set of real-photo crops.
 
 Item convention shared by every dataset in this module::
 
@@ -20,13 +20,20 @@ Pixels are mapped as in EDM: ``x = uint8 / 127.5 - 1``.
 * The disk data is the paper's synthetic tangent study (METHOD.md section 6, last paragraph): a flat
   2-D disk embedded in R^D by a random orthonormal 2-frame, with exact tangent/normal projections
   and distance to the manifold.
+* The photos data are random crops of the real photographs that ship inside scikit-image (no
+  download; sources and licences in ``PHOTO_SOURCES``), labelled with their photograph, with a
+  held-out strip of every photograph for a test split whose crops never overlap training crops.
+* Image folders and zips are validated when the dataset is built (before training starts): every
+  file is decoded once; errors name the file and the setting that changes the behaviour.
 
 All random generation uses a local ``torch.Generator`` seeded from the ``seed`` argument (the same
 seed gives bitwise identical data); no global RNG state is read or modified.
 """
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -48,7 +55,9 @@ __all__ = [
     "SHAPE_KINDS", "SHAPE_SYMMETRY_ORDERS", "SHAPE_PARAM_NAMES", "CIFAR10_CLASSES",
     "load_cifar10_arrays", "load_mnist_arrays", "read_idx", "make_shapes", "render_shapes",
     "sample_shape_params", "pad_or_resize_28", "sdf_disk", "sdf_square", "sdf_triangle", "make_disk", "as_tensors",
-    "get_dataset", "DATASET_NAMES", "default_data_root",
+    "get_dataset", "DATASET_NAMES", "default_data_root", "PhotoCropsDataset", "PhotoSource", "PHOTO_SOURCES",
+    "PHOTO_NAMES", "PHOTO_DOWNSCALE", "PHOTO_TEST_FRACTION", "load_photos", "make_photo_crops", "photo_regions",
+    "photo_cache_key", "dataset_kwargs", "SPLIT_DATASETS", "LABEL_SOURCES",
 ]
 
 
@@ -77,27 +86,37 @@ def _one_hot(index: Tensor, num_classes: int) -> Tensor:
     return F.one_hot(index.to(torch.int64), num_classes).to(torch.float32)
 
 
-def _resize_uint8(images: Tensor, resolution: int, chunk: int = 1024) -> Tensor:
-    """Resize uint8 [N, C, H, W] to [N, C, R, R] (bilinear with antialiasing), rounded to uint8."""
+def _resize_uint8(images: Tensor, resolution: int | tuple[int, int], chunk: int = 1024) -> Tensor:
+    """Resize uint8 [N, C, H, W] to [N, C, R, R] (or [N, C, h, w] for ``resolution=(h, w)``), rounded to
+    uint8. Bilinear with antialiasing: when shrinking, a triangle filter as wide as the scale factor (close
+    to averaging each output pixel's area), so no aliasing; when enlarging, plain bilinear."""
+    size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
     out = []
     for start in range(0, images.shape[0], chunk):
         x = images[start:start + chunk].to(torch.float32)
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False,
-                          antialias=True)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         out.append(x.round().clamp(0, 255).to(torch.uint8))
     if not out:
-        return images.new_zeros((0, images.shape[1], resolution, resolution))
+        return images.new_zeros((0, images.shape[1], *size))
     return torch.cat(out)
 
 
+def _center_crop_square(x: Tensor) -> Tensor:
+    """[..., H, W] -> [..., S, S] with S = min(H, W): the central square (the longer side is cut evenly)."""
+    h, w = x.shape[-2:]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return x[..., top:top + s, left:left + s]
+
+
 def _check_resolution(name: str, native: int, requested: int | None, resize: bool) -> int:
-    """Resolve the output resolution; a mismatch without ``resize=True`` is an error (no silent resize)."""
+    """Resolve the output resolution; a mismatch without resize is an error (no silent resize)."""
     if requested is None or requested == native:
         return native
     if not resize:
         raise ValueError(
-            f"{name}: images are {native}x{native} but resolution={requested} was requested; "
-            f"pass resize=True to resize them, or resolution=None/{native}.")
+            f"{name}: images are {native}x{native} but data.resolution={requested}; set data.resize=true "
+            f"(get_dataset(..., resize=True)) to resize them (antialiased), or data.resolution={native}.")
     if requested < 1:
         raise ValueError(f"{name}: resolution must be positive, got {requested}")
     return int(requested)
@@ -402,7 +421,8 @@ def pad_or_resize_28(images: Tensor, resolution: int, mode: str) -> Tensor:
         extra = resolution - h
         if extra < 0 or extra % 2:
             raise ValueError(f"mnist_mode='pad' needs resolution >= {h} with an even difference, "
-                             f"got resolution={resolution}; use mnist_mode='resize'")
+                             f"got resolution={resolution}; set data.resize=true (mnist_mode='resize') to "
+                             f"resize the 28x28 digits instead")
         p = extra // 2
         return F.pad(images, (p, p, p, p), value=0)
     if mode == "resize":
@@ -444,53 +464,118 @@ class MNISTDataset(InMemoryImageDataset):
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # PIL mode -> (mode to convert to, channels)
 _MODE_CHANNELS = {"1": ("L", 1), "L": ("L", 1), "P": ("RGB", 3), "RGB": ("RGB", 3), "RGBA": ("RGBA", 4)}
+_CHANNEL_KIND = {1: "grayscale", 3: "RGB", 4: "RGBA"}
+LABEL_SOURCES = ("auto", "json", "folders", "none")
+_PROGRESS_FILES = 2000  # validating at least this many files reports progress (about a second of decoding)
 
 
 class _FileImageDataset(ImageDataset):
-    """Shared logic of ImageFolderDataset / ImageZipDataset: listing, checks, labels, decoding."""
+    """Shared logic of ImageFolderDataset / ImageZipDataset: listing, validation, labels, decoding.
+
+    Validation happens here, before any training starts: every image is decoded once (``verify``),
+    so an empty folder, unreadable or corrupt files, mixed channel counts (grayscale next to RGB) and
+    mixed or non-square sizes are reported with the file they concern. Unreadable files stop the
+    construction unless ``skip_unreadable`` (then they are dropped and counted in a printed line).
+    Mixed channel counts are always an error: converting grayscale files to RGB (or back) would change
+    the data distribution silently, so the files must be converted by hand first.
+    """
 
     def __init__(self, path: str, resolution: int | None, conditional: bool, labels: str,
-                 resize: bool, verify: bool):
-        if labels not in ("auto", "json", "folders", "none"):
-            raise ValueError(f"labels must be 'auto', 'json', 'folders' or 'none', got {labels!r}")
+                 resize: bool, verify: bool, skip_unreadable: bool = False):
+        if labels not in LABEL_SOURCES:
+            raise ValueError(f"data.labels must be one of {', '.join(LABEL_SOURCES)}, got {labels!r}")
         self.path = str(path)
         self.name = os.path.splitext(os.path.basename(os.path.normpath(self.path)))[0]
         all_names = self._list_files()
         self.image_names = sorted(n for n in all_names if n.lower().endswith(_IMAGE_EXTENSIONS))
         if not self.image_names:
-            raise ValueError(f"{self.path}: no image files ({', '.join(_IMAGE_EXTENSIONS)}) found")
+            others = sorted(n for n in all_names if n != "dataset.json")
+            what = (f"it holds {len(others)} other file(s), e.g. {', '.join(others[:3])}" if others
+                    else "it is empty")
+            raise ValueError(f"{self.path}: no image files ({', '.join(_IMAGE_EXTENSIONS)}) found: {what}. "
+                             f"Point data.root at a directory (data.name=folder) or EDM-style zip "
+                             f"(data.name=zip) of PNG/JPEG images.")
 
-        # Image format checks: same channels everywhere; square; same size unless resize=True.
-        to_check = self.image_names if verify else self.image_names[:1]
-        sizes, modes = {}, {}
-        for n in to_check:
-            with self._open(n) as f, PIL.Image.open(f) as img:
-                sizes.setdefault(img.size, n)
-                if img.mode not in _MODE_CHANNELS:
-                    raise ValueError(f"{self.path}: {n} has unsupported PIL mode {img.mode!r} "
-                                     f"(supported: {sorted(_MODE_CHANNELS)})")
-                modes.setdefault(_MODE_CHANNELS[img.mode][1], n)
-        if len(modes) > 1:
-            raise ValueError(f"{self.path}: images have different channel counts: "
-                             + ", ".join(f"{c} channels ({n})" for c, n in modes.items()))
-        self._num_channels = next(iter(modes))
+        infos = self._scan(verify, skip_unreadable)  # name -> (width, height, channels)
+        kinds: dict[int, str] = {}
+        for n, (_w, _h, c) in infos.items():
+            kinds.setdefault(c, n)
+        if len(kinds) > 1:
+            raise ValueError(
+                f"{self.path}: images have different channel counts: "
+                + ", ".join(f"{n} is {_CHANNEL_KIND[c]} ({c} channel{'s' * (c > 1)})" for c, n in kinds.items())
+                + ". A dataset needs one kind; grayscale files are not converted silently (that would change "
+                  "the data). Convert the files first, e.g. with PIL: Image.open(f).convert('RGB').save(f).")
+        self._num_channels = next(iter(kinds))
         self._mode = {1: "L", 3: "RGB", 4: "RGBA"}[self._num_channels]
-        for (w, h), n in sizes.items():
-            if w != h:
-                raise ValueError(f"{self.path}: image {n} is {w}x{h}; only square images are supported")
-        if len(sizes) > 1 and not (resize and resolution is not None):
-            raise ValueError(f"{self.path}: images have different resolutions: "
-                             + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.items())
-                             + "; pass resolution=R and resize=True to resize them all")
-        native = next(iter(sizes))[0]
-        self._native = native if len(sizes) == 1 else None
-        self._resolution = _check_resolution(self.path, native, resolution, resize) \
-            if len(sizes) == 1 else int(resolution)
+
+        sizes: dict[tuple[int, int], str] = {}
+        for n, (w, h, _c) in infos.items():
+            sizes.setdefault((w, h), n)
+        square = [s for s in sizes if s[0] == s[1]]
+        uniform = len(sizes) == 1 and len(square) == 1
+        if uniform:
+            native = square[0][0]
+            self._native: int | None = native
+            self._resolution = _check_resolution(self.path, native, resolution, resize)
+        else:
+            examples = ", ".join(f"{n} is {w}x{h}" for (w, h), n in list(sizes.items())[:4])
+            if not resize or resolution is None:
+                raise ValueError(
+                    f"{self.path}: images have different or non-square sizes ({examples}; {len(sizes)} sizes in "
+                    f"all). Set data.resize=true (get_dataset(..., resize=True)) with data.resolution=R to "
+                    f"centre-crop each image to a square and resize it to RxR (antialiased).")
+            self._native, self._resolution = None, int(resolution)
+        if resize and self._native != self._resolution:
+            off = sum(1 for w, h, _c in infos.values() if not (w == h == self._resolution))
+            cropped = sum(1 for w, h, _c in infos.values() if w != h)
+            print(f"[data] {self.path}: {off} of {len(infos)} images are not {self._resolution}x{self._resolution}: "
+                  f"resized to it (antialiased) because data.resize=true"
+                  + (f"; {cropped} non-square images are centre-cropped to a square first" if cropped else ""),
+                  flush=True)
 
         raw = self._read_labels(labels, all_names)
         self.labels, self.class_index = _labels_from_raw(raw, conditional, self.path)
         if not conditional:
             self.labels = torch.zeros(len(self.image_names), 0)
+
+    # -- validation ----------------------------------------------------------------------------
+    def _scan(self, verify: bool, skip_unreadable: bool) -> dict[str, tuple[int, int, int]]:
+        """Size and channels of every image (decoding each one fully when ``verify``); unreadable files
+        raise, or are dropped from ``self.image_names`` with a printed count when ``skip_unreadable``."""
+        from .progress import Progress
+        names = self.image_names if verify else self.image_names[:1]
+        infos, bad = {}, []
+        bar = Progress(len(names), f"[data] checking {self.path}", "img") if len(names) >= _PROGRESS_FILES else None
+        for n in names:
+            try:
+                with self._open(n) as f, PIL.Image.open(f) as img:
+                    if verify:
+                        img.load()  # full decode: truncated / corrupt data fails here
+                    mode, size = img.mode, img.size
+            except Exception as exc:  # PIL.UnidentifiedImageError, OSError (truncated), zlib / zip CRC errors
+                bad.append((n, f"{type(exc).__name__}: {exc}"))
+                continue
+            if mode not in _MODE_CHANNELS:
+                raise ValueError(f"{self.path}: {n} has the unsupported PIL mode {mode!r} (supported: "
+                                 f"{', '.join(sorted(_MODE_CHANNELS))}); convert it to RGB or grayscale (L).")
+            infos[n] = (size[0], size[1], _MODE_CHANNELS[mode][1])
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if bad:
+            listing = "; ".join(f"{n} ({why})" for n, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+            if not skip_unreadable:
+                raise ValueError(f"{self.path}: {len(bad)} of {len(names)} image files cannot be read: {listing}. "
+                                 f"Remove or replace them, or set data.skip_unreadable=true to skip them.")
+            if len(bad) == len(names):
+                raise ValueError(f"{self.path}: none of the {len(names)} image files can be read: {listing}.")
+            skipped = {n for n, _ in bad}
+            self.image_names = [n for n in self.image_names if n not in skipped]
+            print(f"[data] {self.path}: skipped {len(bad)} unreadable image file(s) of {len(names)} because "
+                  f"data.skip_unreadable=true: {listing}", flush=True)
+        return infos
 
     # -- labels --------------------------------------------------------------------------------
     def _read_labels(self, source: str, all_names: set[str]) -> Tensor | None:
@@ -500,13 +585,13 @@ class _FileImageDataset(ImageDataset):
             tops = [n.split("/")[0] if "/" in n else None for n in self.image_names]
             if None in tops:
                 bad = self.image_names[tops.index(None)]
-                raise ValueError(f"{self.path}: labels='folders' but {bad} is not inside a class subfolder")
+                raise ValueError(f"{self.path}: data.labels=folders but {bad} is not inside a class subfolder")
             self.class_names = sorted(set(tops))
             lookup = {c: k for k, c in enumerate(self.class_names)}
             return torch.tensor([lookup[t] for t in tops], dtype=torch.int64)
         if "dataset.json" not in all_names:
             if source == "json":
-                raise ValueError(f"{self.path}: labels='json' but there is no dataset.json")
+                raise ValueError(f"{self.path}: data.labels=json but there is no dataset.json")
             return None
         with self._open("dataset.json") as f:
             meta = json.load(f)
@@ -536,21 +621,22 @@ class _FileImageDataset(ImageDataset):
 
     def _image(self, i: int) -> Tensor:
         name = self.image_names[i]
-        with self._open(name) as f, PIL.Image.open(f) as img:
-            if img.mode not in _MODE_CHANNELS or _MODE_CHANNELS[img.mode][1] != self._num_channels:
-                raise ValueError(f"{self.path}: {name} has mode {img.mode!r}, expected "
-                                 f"{self._num_channels} channels")
-            if img.size[0] != img.size[1]:
-                raise ValueError(f"{self.path}: image {name} is {img.size[0]}x{img.size[1]}, not square")
-            arr = np.array(img.convert(self._mode), dtype=np.uint8)
+        try:
+            with self._open(name) as f, PIL.Image.open(f) as img:
+                mode = img.mode
+                arr = np.array(img.convert(self._mode), dtype=np.uint8) if mode in _MODE_CHANNELS else None
+        except Exception as exc:  # the file changed after validation
+            raise ValueError(f"{self.path}: {name} cannot be read as an image ({type(exc).__name__}: {exc})") from exc
+        if arr is None or _MODE_CHANNELS[mode][1] != self._num_channels:
+            raise ValueError(f"{self.path}: {name} has mode {mode!r}, expected {self._num_channels} channels")
         if arr.ndim == 2:
             arr = arr[:, :, None]
         x = torch.from_numpy(arr).permute(2, 0, 1)  # HWC -> CHW
-        if x.shape[-1] != self._resolution:
-            if self._native is not None and x.shape[-1] != self._native and self._resolution == self._native:
-                raise ValueError(f"{self.path}: {name} is {x.shape[-1]}x{x.shape[-1]}, expected "
+        if tuple(x.shape[-2:]) != (self._resolution, self._resolution):
+            if self._native is not None and self._resolution == self._native:
+                raise ValueError(f"{self.path}: {name} is {x.shape[-1]}x{x.shape[-2]}, expected "
                                  f"{self._native}x{self._native}")
-            x = _resize_uint8(x[None], self._resolution)[0]
+            x = _resize_uint8(_center_crop_square(x)[None], self._resolution)[0]
         return _uint8_to_float(x)
 
 
@@ -563,18 +649,23 @@ class ImageFolderDataset(_FileImageDataset):
         conditional: return labels (one-hot for class indices; float vectors as stored).
         labels: 'auto' (``dataset.json`` if present, else none), 'json' (required), 'folders'
             (class = sorted top-level subfolder name), 'none'.
-        resize: resize (bilinear, antialiased) to ``resolution`` instead of raising.
-        verify: read every image header to check sizes / channels (cheap; False checks only the first).
+        resize: centre-crop non-square images to a square and resize (bilinear, antialiased) every image
+            that is not ``resolution`` x ``resolution``, instead of raising.
+        verify: decode every image once to find unreadable files and check sizes / channels (False
+            checks only the first file's header).
+        skip_unreadable: drop unreadable / corrupt files (printed count) instead of raising.
 
     ``dataset.json`` is EDM's format: ``{"labels": [["00000/img00000000.png", 6], ...]}`` with paths
     relative to ``path`` using '/' separators.
     """
 
     def __init__(self, path: str, resolution: int | None = None, conditional: bool = False,
-                 labels: str = "auto", resize: bool = False, verify: bool = True):
+                 labels: str = "auto", resize: bool = False, verify: bool = True, skip_unreadable: bool = False):
         if not os.path.isdir(path):
-            raise DatasetNotFoundError(f"image folder not found: expected a directory at {os.path.abspath(path)!r}")
-        super().__init__(path, resolution, conditional, labels, resize, verify)
+            hint = " (it is a file: for an EDM-style zip use data.name=zip)" if os.path.isfile(path) else ""
+            raise DatasetNotFoundError(f"image folder not found: expected a directory at {os.path.abspath(path)!r}"
+                                       f"{hint}")
+        super().__init__(path, resolution, conditional, labels, resize, verify, skip_unreadable)
 
     def _list_files(self) -> set[str]:
         names = set()
@@ -596,16 +687,26 @@ class ImageZipDataset(_FileImageDataset):
     """
 
     def __init__(self, path: str, resolution: int | None = None, conditional: bool = False,
-                 labels: str = "auto", resize: bool = False, verify: bool = True):
+                 labels: str = "auto", resize: bool = False, verify: bool = True, skip_unreadable: bool = False):
+        if os.path.isdir(path):
+            raise ValueError(f"data.name=zip expects a zip archive but {os.path.abspath(path)!r} is a directory; "
+                             f"for a directory of images use data.name=folder")
         if not os.path.isfile(path):
             raise DatasetNotFoundError(f"zip dataset not found: expected a file at {os.path.abspath(path)!r}")
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{os.path.abspath(path)!r} is not a zip archive (data.name=zip expects an EDM-style "
+                             f"zip of images, as written by EDM's dataset_tool.py); for a directory of images use "
+                             f"data.name=folder")
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid: int | None = None
-        super().__init__(path, resolution, conditional, labels, resize, verify)
+        super().__init__(path, resolution, conditional, labels, resize, verify, skip_unreadable)
 
     def _zipfile(self) -> zipfile.ZipFile:
         if self._zip is None or self._zip_pid != os.getpid():
-            self._zip = zipfile.ZipFile(self.path)
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except zipfile.BadZipFile as exc:
+                raise ValueError(f"{self.path}: not a readable zip archive ({exc})") from exc
             self._zip_pid = os.getpid()
         return self._zip
 
@@ -907,6 +1008,207 @@ class DiskDataset(ImageDataset):
 
 
 # ----------------------------------------------------------------------------------------------
+# Built-in data (c): random crops of real photographs shipped inside scikit-image.
+
+@dataclass(frozen=True)
+class PhotoSource:
+    """One photograph of ``skimage.data`` (loaded offline: the file ships inside the package)."""
+
+    name: str        # the skimage.data function
+    grayscale: bool  # replicated to RGB
+    source: str
+    licence: str
+
+
+# The photographs: every real photograph that scikit-image 0.26 ships inside the wheel whose docstring
+# states a licence or the absence of copyright restrictions, at least 172 px on its short side.
+# Left out: stereo_motorcycle (Middlebury 2014; no licence stated), moon and page (no licence stated),
+# cell (a phase image reconstructed from a hologram, not a photograph), microaneurysms (102 px),
+# cat (the same photograph as chelsea), and the synthetic or binary images (colorwheel, checkerboard,
+# logo, binary_blobs, horse, shepp_logan_phantom). eagle, lily, kidney and skin need a download.
+# Grayscale photographs are replicated to the three RGB channels. The label of a crop is the index of
+# its photograph in this tuple.
+PHOTO_SOURCES: tuple[PhotoSource, ...] = (
+    PhotoSource("astronaut", False, "NASA Great Images (Eileen Collins)", "public domain"),
+    PhotoSource("coffee", False, "Rachel Michetti, courtesy of Pikolo Espresso Bar", "CC0"),
+    PhotoSource("chelsea", False, "Stefan van der Walt (Chelsea the cat)", "CC0"),
+    PhotoSource("rocket", False, "SpaceX (DSCOVR launch on Falcon 9)", "public domain"),
+    PhotoSource("hubble_deep_field", False, "NASA / HubbleSite (Hubble eXtreme Deep Field)", "public domain"),
+    PhotoSource("immunohistochemistry", False, "Center for Microscopy And Molecular Imaging (IHC staining)",
+                "no known copyright restrictions"),
+    PhotoSource("retina", False, "Mikael Haggstrom, Wikimedia Commons (fundus photograph)", "CC0"),
+    PhotoSource("camera", True, "Lav Varshney (cameraman)", "CC0"),
+    PhotoSource("coins", True, "Brooklyn Museum Collection (Greek coins from Pompeii)",
+                "no known copyright restrictions"),
+    PhotoSource("clock", True, "Stefan van der Walt (motion-blurred clock)", "public domain"),
+    PhotoSource("text", True, "Wikipedia, File:Corner.png (handwritten text)", "public domain"),
+    PhotoSource("grass", True, "linolafett, DeviantArt (Grass 01)", "CC0"),
+    PhotoSource("gravel", True, "CC0Textures (Gravel04)", "CC0"),
+    PhotoSource("brick", True, "CC0Textures (Bricks25)", "CC0"),
+)
+PHOTO_NAMES: tuple[str, ...] = tuple(p.name for p in PHOTO_SOURCES)
+# Default shrink factor: the photographs are 172-1411 px on their short side; shrunk 4x (43-353 px) a
+# 16 px crop covers 5-37% of a photograph's short side (an eye of the cat, a coin, a few letters), a
+# recognisable patch, while at full size most 16 px crops are a few percent of the photo: flat colour.
+PHOTO_DOWNSCALE = 4.0
+# Held-out split: the last 20% of each photograph along its longer side (at least one crop wide).
+PHOTO_TEST_FRACTION = 0.2
+PHOTO_SPLITS = ("train", "test")
+_PHOTO_FORMAT = 1  # bump when the crop procedure changes (part of the cache key)
+
+
+def _photo_version() -> str:
+    try:
+        import skimage
+    except ImportError as exc:
+        raise ImportError("data.name=photos needs scikit-image (pip install scikit-image; it is a dependency "
+                          "of this package)") from exc
+    return skimage.__version__
+
+
+@functools.lru_cache(maxsize=4)
+def load_photos(downscale: float = PHOTO_DOWNSCALE) -> tuple[Tensor, ...]:
+    """The photographs of ``PHOTO_SOURCES`` as uint8 [3, H, W] tensors, shrunk by ``downscale`` with
+    antialiasing (``_resize_uint8``; size ``round(H / downscale) x round(W / downscale)``).
+    Read from the files inside scikit-image (no download); cached per process."""
+    _photo_version()
+    import skimage.data
+    if not downscale >= 1:
+        raise ValueError(f"data.photo_downscale={downscale} must be >= 1")
+    out = []
+    for src in PHOTO_SOURCES:
+        arr = np.asarray(getattr(skimage.data, src.name)(), dtype=np.uint8)
+        x = torch.from_numpy(arr.copy())
+        x = x[None].expand(3, -1, -1) if arr.ndim == 2 else x.permute(2, 0, 1)[:3]
+        if downscale != 1:
+            h, w = x.shape[-2:]
+            x = _resize_uint8(x[None], (max(1, round(h / downscale)), max(1, round(w / downscale))))[0]
+        out.append(x.contiguous())
+    return tuple(out)
+
+
+def photo_regions(height: int, width: int, resolution: int, split: str) -> tuple[int, int, int]:
+    """The spatial partition of one (shrunk) photograph: ``(axis, lo, hi)``.
+
+    The split runs across the longer side (``axis`` 1: columns, if width >= height, else 0: rows) of
+    length L: the held-out strip is ``[L - t, L)`` with ``t = max(ceil(PHOTO_TEST_FRACTION * L), R)``, the
+    training region ``[0, L - t)``. A crop of ``split`` starts at an offset in ``[lo, hi]`` along ``axis``,
+    so every crop lies inside its region and no training crop overlaps a held-out crop.
+    """
+    axis = 1 if width >= height else 0
+    L, S = (width, height) if axis == 1 else (height, width)
+    t = max(math.ceil(PHOTO_TEST_FRACTION * L), resolution)
+    if S < resolution or L - t < resolution:
+        raise ValueError(f"{height}x{width} is too small for {resolution} px crops in both splits")
+    return (axis, 0, L - t - resolution) if split == "train" else (axis, L - t, L - resolution)
+
+
+def photo_cache_key(split: str, resolution: int, downscale: float, n: int, seed: int) -> str:
+    """File stem of a cached crop set: readable parameters + a hash of everything else that defines it."""
+    extra = json.dumps({"sources": PHOTO_NAMES, "test_fraction": PHOTO_TEST_FRACTION, "format": _PHOTO_FORMAT,
+                        "skimage": _photo_version()}, sort_keys=True)
+    digest = hashlib.sha1(extra.encode()).hexdigest()[:8]
+    return f"photos-{split}-{resolution}px-down{downscale:g}-n{n}-seed{seed}-{digest}"
+
+
+def make_photo_crops(n: int, resolution: int = 16, downscale: float = PHOTO_DOWNSCALE, seed: int = 0,
+                     split: str = "train") -> tuple[Tensor, Tensor, Tensor]:
+    """Random square crops of the photographs: (images uint8 [n, 3, R, R], labels int64 [n] (photo
+    index in PHOTO_SOURCES), boxes int64 [n, 4] = (top, left, height, width) in the shrunk photo).
+
+    Classes are balanced (``n // len(PHOTO_SOURCES)`` crops per photo, one more for the first
+    ``n % len(PHOTO_SOURCES)``); positions are uniform over the split's region (``photo_regions``);
+    the order is shuffled. Deterministic from ``seed`` (a local generator; the test split draws from
+    its own stream, seeded ``seed + 2**31``).
+    """
+    if split not in PHOTO_SPLITS:
+        raise ValueError(f"data.split={split!r}: expected one of {', '.join(PHOTO_SPLITS)}")
+    if n < 1 or resolution < 8:
+        raise ValueError(f"photos need num_images >= 1 and resolution >= 8, got {n}, {resolution}")
+    photos = load_photos(float(downscale))
+    g = torch.Generator().manual_seed(int(seed) + (2 ** 31 if split == "test" else 0))
+    S = len(photos)
+    counts = [n // S + (k < n % S) for k in range(S)]
+    images, labels, boxes = [], [], []
+    r = torch.arange(resolution)
+    too_small = []
+    for k, photo in enumerate(photos):
+        try:
+            photo_regions(photo.shape[1], photo.shape[2], resolution, split)
+        except ValueError:
+            too_small.append(f"{PHOTO_SOURCES[k].name} is {photo.shape[1]}x{photo.shape[2]}")
+    if too_small:  # the largest factor at which every photograph has room for a crop in both regions
+        most = min(downscale * min(min(p.shape[1:]) / resolution, max(p.shape[1:]) / (2 * resolution)) for p in photos)
+        raise ValueError(
+            f"photos: {len(too_small)} of {len(photos)} photographs are too small for {resolution} px crops in both "
+            f"splits after data.photo_downscale={downscale:g} ({', '.join(too_small)}); lower data.photo_downscale "
+            f"(to at most about {math.floor(most * 10) / 10:g}) or data.resolution")
+    for k, (photo, m) in enumerate(zip(photos, counts)):
+        h, w = photo.shape[-2:]
+        axis, lo, hi = photo_regions(h, w, resolution, split)
+        along = lo + torch.randint(0, hi - lo + 1, (m,), generator=g)
+        across = torch.randint(0, (w if axis == 0 else h) - resolution + 1, (m,), generator=g)
+        top, left = (across, along) if axis == 1 else (along, across)
+        rows, cols = top[:, None] + r, left[:, None] + r  # [m, R]
+        images.append(photo[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3))  # [m, 3, R, R]
+        labels.append(torch.full((m,), k, dtype=torch.int64))
+        boxes.append(torch.stack([top, left, torch.full_like(top, resolution), torch.full_like(top, resolution)], 1))
+    order = torch.randperm(n, generator=g)
+    return torch.cat(images)[order].contiguous(), torch.cat(labels)[order], torch.cat(boxes)[order]
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class PhotoCropsDataset(InMemoryImageDataset):
+    """Crops of real photographs (``make_photo_crops``), labelled with their photograph, cached on disk.
+
+    The photographs ship inside scikit-image (``PHOTO_SOURCES``; sources and licences there and in the
+    README): astronaut (NASA, public domain), coffee (CC0), chelsea (CC0), rocket (SpaceX, public domain),
+    hubble_deep_field (NASA, public domain), immunohistochemistry (CMMI, no known copyright restrictions),
+    retina (Wikimedia Commons, CC0), camera (CC0), coins (Brooklyn Museum, no known copyright
+    restrictions), clock (public domain), text (Wikipedia, public domain), grass, gravel, brick (CC0).
+
+    Args:
+        root: data root; the crops are cached in ``<root>/photos/<photo_cache_key(...)>.pt`` (default root
+            ``default_data_root()``), rebuilt when missing or unreadable.
+        split: 'train' (crops inside the first 80% of each photo along its longer side) or 'test' (the
+            held-out strip: no test crop overlaps a training crop).
+        resolution: crop size R (a power of two >= 8).
+        n: number of crops; seed: generator seed; downscale: shrink factor applied before cropping.
+        conditional: labels one-hot [len(PHOTO_SOURCES)] instead of Tensor[0].
+    Attributes: ``boxes`` int64 [n, 4] (top, left, height, width in the shrunk photo), ``class_names``.
+    """
+
+    def __init__(self, root: str | None = None, split: str = "train", resolution: int = 16, n: int = 50000,
+                 seed: int = 0, downscale: float = PHOTO_DOWNSCALE, conditional: bool = False):
+        root = default_data_root() if root is None else str(root)
+        key = photo_cache_key(split, int(resolution), float(downscale), int(n), int(seed))
+        path = os.path.join(root, "photos", key + ".pt")
+        blob = None
+        if os.path.isfile(path):
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                if blob.get("key") != key:
+                    raise ValueError(f"key {blob.get('key')!r} != {key!r}")
+            except Exception as exc:  # truncated / foreign file: rebuild it
+                print(f"[data] {path} is unreadable ({type(exc).__name__}: {exc}); rebuilding it", flush=True)
+                blob = None
+        if blob is None:
+            images, labels, boxes = make_photo_crops(int(n), int(resolution), float(downscale), int(seed), split)
+            blob = {"key": key, "images": images, "labels": labels, "boxes": boxes}
+            _atomic_torch_save(blob, path)
+        super().__init__(blob["images"], blob["labels"], conditional=conditional, num_classes=len(PHOTO_SOURCES),
+                         name=f"photos-{split}")
+        self.boxes, self.split, self.cache_path = blob["boxes"], split, path
+        self.class_names = list(PHOTO_NAMES)
+
+
+# ----------------------------------------------------------------------------------------------
 # Helpers and registry.
 
 def as_tensors(ds: torch.utils.data.Dataset, limit: int | None = None) -> tuple[Tensor, Tensor]:
@@ -932,12 +1234,23 @@ def _no_download(name: str, download: bool) -> None:
         raise ValueError(f"dataset {name!r} is read from local files; download=True is not supported")
 
 
+def _train_only(name: str, kw: dict) -> dict:
+    """Datasets without a held-out split accept split='train' only."""
+    split = kw.pop("split", "train")
+    if split != "train":
+        raise ValueError(f"data.split={split!r}: dataset {name!r} has no held-out split (only "
+                         f"cifar10, mnist, fashion-mnist and photos have a test split)")
+    return kw
+
+
 def _get_cifar10(root, resolution, download, conditional, **kw):
     return CIFAR10Dataset(root, resolution=resolution, download=download, conditional=conditional, **kw)
 
 
 def _get_mnist(variant: str):
-    def make(root, resolution, download, conditional, **kw):
+    def make(root, resolution, download, conditional, resize: bool = False, **kw):
+        if resize:
+            kw["mnist_mode"] = "resize"
         return MNISTDataset(root, variant=variant, resolution=resolution, download=download,
                             conditional=conditional, **kw)
     return make
@@ -946,19 +1259,20 @@ def _get_mnist(variant: str):
 def _get_folder(root, resolution, download, conditional, **kw):
     _no_download("folder", download)
     if root is None:
-        raise ValueError("dataset 'folder' needs root=<directory of images>")
-    return ImageFolderDataset(root, resolution=resolution, conditional=conditional, **kw)
+        raise ValueError("dataset 'folder' needs root=<directory of images> (data.root=DIR)")
+    return ImageFolderDataset(root, resolution=resolution, conditional=conditional, **_train_only("folder", kw))
 
 
 def _get_zip(root, resolution, download, conditional, **kw):
     _no_download("zip", download)
     if root is None:
-        raise ValueError("dataset 'zip' needs root=<path to the .zip archive>")
-    return ImageZipDataset(root, resolution=resolution, conditional=conditional, **kw)
+        raise ValueError("dataset 'zip' needs root=<path to the .zip archive> (data.root=FILE.zip)")
+    return ImageZipDataset(root, resolution=resolution, conditional=conditional, **_train_only("zip", kw))
 
 
 def _get_shapes(root, resolution, download, conditional, **kw):
-    return ShapesDataset(resolution=16 if resolution is None else int(resolution), conditional=conditional, **kw)
+    return ShapesDataset(resolution=16 if resolution is None else int(resolution), conditional=conditional,
+                         **_train_only("shapes", kw))
 
 
 def _get_disk(root, resolution, download, conditional, **kw):
@@ -966,7 +1280,12 @@ def _get_disk(root, resolution, download, conditional, **kw):
         raise ValueError(f"dataset 'disk' has resolution 1 (points as [D, 1, 1] images), got {resolution}")
     if conditional:
         raise ValueError("dataset 'disk' has no labels; conditional=True is not supported")
-    return DiskDataset(**kw)
+    return DiskDataset(**_train_only("disk", kw))
+
+
+def _get_photos(root, resolution, download, conditional, **kw):
+    return PhotoCropsDataset(root, resolution=16 if resolution is None else int(resolution),
+                             conditional=conditional, **kw)
 
 
 _REGISTRY: dict[str, Callable[..., ImageDataset]] = {
@@ -977,8 +1296,28 @@ _REGISTRY: dict[str, Callable[..., ImageDataset]] = {
     "zip": _get_zip,
     "shapes": _get_shapes,
     "disk": _get_disk,
+    "photos": _get_photos,
 }
 DATASET_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+SPLIT_DATASETS: tuple[str, ...] = ("cifar10", "mnist", "fashion-mnist", "photos")  # have a held-out test split
+
+
+def dataset_kwargs(d) -> dict:
+    """``get_dataset`` keyword arguments from a data configuration (``ayt.config.DataConfig`` or any object
+    with its attributes): name, root, resolution, download, conditional, plus the settings that apply to
+    that dataset (split, labels, resize, skip_unreadable, num_images, seed, photo_downscale)."""
+    kw = dict(name=d.name, root=d.root, resolution=d.resolution, download=d.download, conditional=d.conditional)
+    if d.name in ("shapes", "disk"):
+        kw.update(n=d.num_images, seed=d.seed)
+    elif d.name == "photos":
+        kw.update(n=d.num_images, seed=d.seed, downscale=d.photo_downscale)
+    elif d.name in ("folder", "zip"):
+        kw.update(labels=d.labels, resize=d.resize, skip_unreadable=d.skip_unreadable)
+    elif d.name in ("cifar10", "mnist", "fashion-mnist"):
+        kw.update(resize=d.resize)
+    if d.split != "train" or d.name in SPLIT_DATASETS:
+        kw.update(split=d.split)
+    return kw
 
 
 def get_dataset(name: str, root: str | None = None, resolution: int | None = None, download: bool = False,
@@ -988,12 +1327,13 @@ def get_dataset(name: str, root: str | None = None, resolution: int | None = Non
     Args:
         name: one of ``DATASET_NAMES``: 'cifar10', 'mnist', 'fashion-mnist' (``root`` = data root,
             default ``default_data_root()``), 'folder' / 'zip' (``root`` = the directory / archive),
-            'shapes', 'disk' (built in; ``root`` and ``download`` ignored).
+            'shapes', 'disk' (built in; ``root`` and ``download`` ignored), 'photos' (built in from
+            scikit-image's photographs; ``root`` = where the crops are cached).
         resolution: expected/output resolution (None: the dataset's native one).
         download: fetch CIFAR-10 / (Fashion-)MNIST when missing.
         conditional: labels one-hot (label_dim > 0) instead of Tensor[0].
         **kw: passed to the dataset class (e.g. ``split``, ``mnist_mode``, ``rgb``, ``resize``,
-            ``labels``, ``n``, ``seed``, ``dim``).
+            ``labels``, ``skip_unreadable``, ``n``, ``seed``, ``dim``, ``downscale``).
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")

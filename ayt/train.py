@@ -139,11 +139,9 @@ def micro_batching(cfg: TrainConfig, world: int) -> tuple[int, int]:
 # Building the pieces of a run from its config
 
 def build_dataset(cfg: TrainConfig):
-    from .data import get_dataset
+    from .data import dataset_kwargs, get_dataset
     d = cfg.data
-    kw = {"n": d.num_images, "seed": d.seed} if d.name in ("shapes", "disk") else {}
-    ds = get_dataset(d.name, root=d.root, resolution=d.resolution, download=d.download,
-                     conditional=d.conditional, **kw)
+    ds = get_dataset(**dataset_kwargs(d))
     if ds.resolution != d.resolution:
         raise ConfigError(f"data.resolution={d.resolution} but the dataset {d.name!r} has {ds.resolution}x{ds.resolution} images")
     return ds
@@ -494,7 +492,8 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, eval_fn: Optional[Callable],
         diag = build_diagnostic(cfg, objective, ds, d.device, label_dim)
     if eval_fn is None and cfg.eval_every and cfg.stage != "feature":
         from .evaluate import make_eval_hook
-        eval_fn = make_eval_hook(cfg)
+        eval_fn = make_eval_hook(cfg, dataset=ds)
+        _log(d, f"[ayt] in-training evaluation every {cfg.eval_every} iterations: {eval_fn.reason}")
     ddp_model = model
     if d.world > 1:
         if cfg.stage == "feature" and cfg.feature.sync_bn:

@@ -1,5 +1,6 @@
 """Tests for ayt.data: every dataset's item convention, readers on tiny files written here,
 the shapes generator (params <-> pixels), and the disk geometry (projections, distances)."""
+import dataclasses
 import gzip
 import json
 import math
@@ -68,7 +69,7 @@ def test_cifar10_reader_and_items(tmp_path):
 
 def test_cifar10_resolution(tmp_path):
     write_cifar(str(tmp_path))
-    with pytest.raises(ValueError, match="resize=True"):
+    with pytest.raises(ValueError, match="data.resize=true"):
         D.get_dataset("cifar10", root=str(tmp_path), resolution=16)
     ds = D.get_dataset("cifar10", root=str(tmp_path), resolution=16, resize=True)
     check_items(ds, 15, 3, 16, 0)
@@ -210,13 +211,13 @@ def test_folder_labels_from_subfolders_and_grey(tmp_path):
 
 def test_folder_resolution_mismatch_and_mixed_images(tmp_path):
     write_pngs(str(tmp_path))
-    with pytest.raises(ValueError, match="resize=True"):
+    with pytest.raises(ValueError, match="data.resize=true"):
         D.get_dataset("folder", root=str(tmp_path), resolution=16)
     ds = D.get_dataset("folder", root=str(tmp_path), resolution=16, resize=True)
     check_items(ds, 6, 3, 16, 0)
     # A second resolution in the folder is an error unless everything is resized.
     PIL.Image.new("RGB", (10, 10)).save(tmp_path / "odd.png")
-    with pytest.raises(ValueError, match="different resolutions"):
+    with pytest.raises(ValueError, match="different or non-square sizes.*odd.png is 10x10.*data.resize=true"):
         D.get_dataset("folder", root=str(tmp_path))
     check_items(D.get_dataset("folder", root=str(tmp_path), resolution=8, resize=True), 7, 3, 8, 0)
     os.remove(tmp_path / "odd.png")
@@ -242,10 +243,160 @@ def test_zip_dataset(tmp_path):
     clone = pickle.loads(pickle.dumps(ds))
     assert clone._zip is None
     assert torch.equal(clone[2][0], ds[2][0]) and torch.equal(clone[2][1], ds[2][1])
-    with pytest.raises(ValueError, match="resize=True"):
+    with pytest.raises(ValueError, match="data.resize=true"):
         D.get_dataset("zip", root=path, resolution=32)
     with pytest.raises(D.DatasetNotFoundError):
         D.get_dataset("zip", root=str(tmp_path / "missing.zip"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of image folders and zips: every bad input is named before any training starts.
+
+def test_empty_folder_and_folder_without_images(tmp_path):
+    with pytest.raises(ValueError, match="no image files.*it is empty.*data.root"):
+        D.get_dataset("folder", root=str(tmp_path))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="no image files.*1 other file.*notes.txt"):
+        D.get_dataset("folder", root=str(tmp_path))
+
+
+def _truncate(path, cut=30):
+    """Cut the end of a PNG: its header still reads (size, mode), decoding fails."""
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-cut])
+    with PIL.Image.open(path) as img:
+        assert img.size == (8, 8)
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_unreadable_files_are_named_or_skipped_with_a_count(tmp_path, capsys, kind):
+    src = tmp_path / "src"
+    files = write_pngs(str(src), n=6)
+    bad = sorted(files)[3]  # not the first file: the header of the first one says nothing about it
+    _truncate(src / bad)
+    (src / "00001" / "garbage.png").write_bytes(b"this is not a png")
+    root = src
+    if kind == "zip":
+        root = tmp_path / "data.zip"
+        with zipfile.ZipFile(root, "w") as z:
+            for p in sorted(src.rglob("*.png")):
+                z.write(p, p.relative_to(src).as_posix())
+    with pytest.raises(ValueError, match=rf"2 of 7 image files cannot be read: {bad} \(.*truncated.*\); "
+                                         rf"00001/garbage.png \(Unidentified.*data.skip_unreadable=true"):
+        D.get_dataset(kind, root=str(root))
+    capsys.readouterr()
+    ds = D.get_dataset(kind, root=str(root), skip_unreadable=True)
+    assert "skipped 2 unreadable image file(s) of 7" in capsys.readouterr().out
+    check_items(ds, 5, 3, 8, 0)
+    assert bad not in ds.image_names and "00001/garbage.png" not in ds.image_names
+
+
+def test_mixed_channels_name_one_file_of_each_kind(tmp_path):
+    write_pngs(str(tmp_path), n=3)
+    PIL.Image.new("L", (8, 8)).save(tmp_path / "grey.png")
+    with pytest.raises(ValueError, match=r"00000/img00000000.png is RGB \(3 channels\), grey.png is grayscale "
+                                         r"\(1 channel\).*Convert the files first"):
+        D.get_dataset("folder", root=str(tmp_path))
+
+
+def test_resize_centre_crops_non_square_images(tmp_path, capsys):
+    # 12 x 8 (w x h): columns 0-1 and 10-11 are red, the central 8x8 square is a gradient
+    arr = np.zeros((8, 12, 3), dtype=np.uint8)
+    arr[:, :2, 0] = arr[:, 10:, 0] = 255
+    arr[:, 2:10, 1] = np.arange(8, dtype=np.uint8)[None, :] * 30
+    PIL.Image.fromarray(arr).save(tmp_path / "wide.png")
+    write_pngs(str(tmp_path), n=2, size=16)
+    with pytest.raises(ValueError, match=r"different or non-square sizes.*wide.png is 12x8.*data.resize=true"):
+        D.get_dataset("folder", root=str(tmp_path), resolution=8)
+    ds = D.get_dataset("folder", root=str(tmp_path), resolution=8, resize=True)
+    out = capsys.readouterr().out
+    assert "3 of 3 images are not 8x8" in out and "1 non-square images are centre-cropped" in out
+    i = ds.image_names.index("wide.png")
+    want = torch.from_numpy(arr[:, 2:10]).permute(2, 0, 1).float() / 127.5 - 1  # the central square, no red
+    assert torch.equal(ds[i][0], want)
+    check_items(ds, 3, 3, 8, 0)
+
+
+def test_zip_that_is_not_a_zip_and_a_directory_given_as_zip(tmp_path):
+    fake = tmp_path / "images.zip"
+    fake.write_bytes(b"PK but not really a zip archive")
+    with pytest.raises(ValueError, match=r"images.zip' is not a zip archive.*dataset_tool.py.*data.name=folder"):
+        D.get_dataset("zip", root=str(fake))
+    with pytest.raises(ValueError, match="is a directory; for a directory of images use data.name=folder"):
+        D.get_dataset("zip", root=str(tmp_path))
+    with pytest.raises(D.DatasetNotFoundError, match="it is a file: for an EDM-style zip use data.name=zip"):
+        D.get_dataset("folder", root=str(fake))
+    with pytest.raises(ValueError, match="has no held-out split"):
+        D.get_dataset("folder", root=str(tmp_path), split="test")
+
+
+def _train_cfg(tmp_path, **data):
+    from ayt.config import make_config
+    over = {"stage": "diffusion", "name": "bad", "run_root": str(tmp_path / "runs"), "net.arch": "tiny", "batch": 2,
+            "iters": 2, "ckpt_every": 1, "log_every": 1, "sample_every": 0, "device": "cpu", "log.tensorboard": False,
+            "data.resolution": 8, **{f"data.{k}": v for k, v in data.items()}}
+    return make_config(None, over)
+
+
+@pytest.mark.parametrize("case", ["empty", "corrupt", "channels", "sizes", "notzip"])
+def test_bad_image_data_stops_train_before_anything_is_written(tmp_path, case):
+    from ayt.train import train
+    folder = tmp_path / "images"
+    folder.mkdir()
+    name, match = "folder", None
+    if case == "empty":
+        match = "it is empty"
+    elif case == "corrupt":
+        files = write_pngs(str(folder), n=4)
+        _truncate(folder / sorted(files)[2])
+        match = rf"{sorted(files)[2]}.*data.skip_unreadable=true"
+    elif case == "channels":
+        write_pngs(str(folder), n=2)
+        PIL.Image.new("L", (8, 8)).save(folder / "grey.png")
+        match = "grey.png is grayscale"
+    elif case == "sizes":
+        write_pngs(str(folder), n=2)
+        PIL.Image.new("RGB", (16, 16)).save(folder / "big.png")
+        match = "big.png is 16x16.*data.resize=true"
+    else:
+        name, folder = "zip", tmp_path / "data.zip"
+        folder.write_bytes(b"not a zip")
+        match = "is not a zip archive"
+    with pytest.raises(ValueError, match=match):
+        train(_train_cfg(tmp_path, name=name, root=str(folder)))
+    assert not (tmp_path / "runs" / "bad").exists()  # no run directory, no checkpoint, no metrics
+
+
+def test_cli_names_the_bad_folder_and_exits_2(tmp_path):
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "ayt", "train", "stage=diffusion", "name=x", f"run_root={tmp_path}",
+                          "data.name=folder", f"data.root={tmp_path / 'nothing-here'}", "data.resolution=8"],
+                         cwd=repo, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": repo})
+    assert out.returncode == 2 and "image folder not found" in out.stderr and "nothing-here" in out.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_folder_labels_setting_and_train_help_lists_every_data_setting(tmp_path):
+    from ayt.config import DataConfig, _field_comments, describe_settings
+    from ayt.train import build_dataset
+    write_pngs(str(tmp_path), mode="RGB", class_dirs=True)
+    ds = build_dataset(_train_cfg(tmp_path, name="folder", root=str(tmp_path), labels="folders", conditional=True))
+    assert ds.class_names == ["class0", "class1"] and ds.label_dim == 2
+    with pytest.raises(ValueError, match="data.labels=folders applies to data.name=folder or zip only"):
+        _train_cfg(tmp_path, name="shapes", labels="folders")
+    text = describe_settings()
+    comments = _field_comments(DataConfig)
+    for f in dataclasses.fields(DataConfig):
+        line = next(l for l in text.splitlines() if l.strip().startswith(f"data.{f.name}="))
+        assert comments[f.name] and comments[f.name] in line, f.name  # every data setting explains itself
+    name_line = next(l for l in text.splitlines() if l.strip().startswith("data.name="))
+    assert all(n in name_line for n in D.DATASET_NAMES)
+    assert "[true | false]" in next(l for l in text.splitlines() if l.strip().startswith("data.resize="))
+    assert "train | test" in next(l for l in text.splitlines() if l.strip().startswith("data.split="))
+    assert "auto" in next(l for l in text.splitlines() if l.strip().startswith("data.labels=")) and "folders" in text
 
 
 def test_registry_unknown_name():

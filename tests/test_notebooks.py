@@ -364,7 +364,7 @@ def evaluated(pipeline):
     images, params = make_shapes(256, 16, seed=5)
     train_evaluator(images, params, steps=5, batch_size=32, seed=0).save(tmp / "evaluator.pt")
     _run("03_evaluation", tmp, runs=f"{pipeline['ayt']},{pipeline['ect']}", n=64, batch=32, evaluator="evaluator.pt",
-         figures_dir="figures", out_dir="out/03")
+         metric="fd_eval", figures_dir="figures", out_dir="out/03")  # not auto: FID wherever Inception weights exist
     return tmp / "out/03/results.json"
 
 
