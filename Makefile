@@ -24,17 +24,19 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The CPU mini study (about an hour on 2 cores), then every figure from its run directories.
-# Only `figures` writes into figures/ (the notebooks' default is runs/notebooks/<notebook>/figures).
+# The CPU mini study v2 (docs/mini-study.md; about 4 hours on 2 cores, resumable), then every figure
+# from its run directories. Only `figures` writes into figures/ (notebooks default to runs/notebooks/).
+STUDY_ROOT ?= runs/study
 mini-study: setup
-	$(PY) -m ayt study --run-root runs
+	$(PY) -m ayt study --run-root $(STUDY_ROOT)
 	$(MAKE) figures
 
 figures: setup
-	$(PY) -m ayt notebook notebooks/01_feature_network.ipynb -p feature_net runs/mini-feature-net -p figures_dir figures
-	$(PY) -m ayt notebook notebooks/04_tangent_oscillation.ipynb -p study_root runs -p figures_dir figures
-	$(PY) -m ayt notebook notebooks/05_paper_figures.ipynb -p figures_dir figures
-	$(PY) -m ayt study --run-root runs --sample-figures figures
+	$(PY) -m ayt notebook notebooks/01_feature_network.ipynb -p feature_net $(STUDY_ROOT)/shapes/mini-feature-net -p figures_dir figures
+	$(PY) -m ayt notebook notebooks/04_tangent_oscillation.ipynb -p study_root $(STUDY_ROOT) -p figures_dir figures
+	$(PY) -m ayt notebook notebooks/05_paper_figures.ipynb -p study_root $(STUDY_ROOT) -p figures_dir figures
+	$(PY) -m ayt study --run-root $(STUDY_ROOT) --sample-figures figures
+	cp $(STUDY_ROOT)/mini-study.json figures/mini-study.json
 
 # Paper scale (GPUs; set NPROC). Needs CIFAR-10 (data.download=true) and EDM's checkpoint (downloaded once).
 NPROC ?= 8

@@ -14,7 +14,8 @@ from .cli import HelpFormatter
 from .config import (PRESET_PURPOSES, PRESETS, ConfigError, TrainConfig, describe_settings, format_settings,
                      make_config, relocated_run_references)
 
-DEMO_STAGES = ("demo-feature-net", "demo-diffusion", "demo-ayt")
+DEMO_STAGES = ("demo-feature-net", "demo-diffusion", "demo-ect", "demo-ayt")
+DEMO_EVAL_SAMPLES = 1000  # samples per score in the demo's closing comparison
 CPU_PAPER_SCALE_N = 10000  # eval: sample counts from here on are paper scale (a warning on a CPU)
 
 
@@ -78,15 +79,28 @@ def dry_run(cfg: TrainConfig, resume: bool) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The whole pipeline on the built-in shapes data: feature net, diffusion pretraining, AYT tuning."""
-    from .train import train
+    """The whole pipeline on the built-in shapes data: a feature net that learns, diffusion pretraining,
+    then ECT and AYT tuning from the same teacher, scored side by side."""
+    from .evaluate import EvalConfig, evaluate_run
+    from .train import train, warn_if_feature_net_untrained
     t0 = time.time()
+    runs = {}
     for preset in DEMO_STAGES:
         base = [f"run_root={args.run_root}"] + args.overrides
         cfg = make_config(preset, base)  # the later stages read the earlier ones from the same run root:
         cfg = make_config(preset, base + relocated_run_references(cfg, args.overrides))
-        train(cfg, resume=True)
-    print(f"[ayt] demo finished in {time.time() - t0:.0f} s; samples in {Path(args.run_root) / 'demo-ayt' / 'samples'}")
+        runs[preset] = train(cfg, resume=True)
+        if cfg.stage == "feature":
+            warn_if_feature_net_untrained(runs[preset])
+    ecfg = EvalConfig(metric="swd", n=args.eval_samples, runs=1, steps=(1, 2), dfid_sigmas=(), extras=False)
+    print(f"[ayt] demo: scoring ECT and AYT on {ecfg.n} samples each (multi-scale SWD in pixels, x1e3; lower is better)",
+          flush=True)
+    scores = {p: {r["sampler"]: r["swd"]["mean"] for r in evaluate_run(runs[p], ecfg, "latest", log=lambda *a: None)}
+              for p in ("demo-ect", "demo-ayt")}
+    print(f"[ayt] demo finished in {time.time() - t0:.0f} s")
+    for p in ("demo-ect", "demo-ayt"):
+        print(f"  {p:9s} SWD 1-step {scores[p]['1step']:8.3f}   2-step {scores[p]['2step']:8.3f}   "
+              f"samples: {runs[p] / 'samples'}")
     return 0
 
 
@@ -217,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="the whole pipeline on the built-in shapes data in a few CPU minutes",
                         formatter_class=HelpFormatter, description=f"Runs the presets {', '.join(DEMO_STAGES)}.")
-    dm.add_argument("--run-root", default="runs", help="where the three demo runs go")
+    dm.add_argument("--run-root", default="runs", help="where the four demo runs go")
+    dm.add_argument("--eval-samples", type=int, default=DEMO_EVAL_SAMPLES, help="samples per closing score")
     dm.add_argument("overrides", nargs="*", help="settings applied to every demo stage, e.g. device=cpu (default: none)")
     dm.set_defaults(fn=cmd_demo)
 

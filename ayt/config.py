@@ -186,6 +186,11 @@ _MINI_CT = {**_SHAPES, "stage": "consistency", "net.init": "runs/mini-diffusion"
             "optim.lr": 5e-4, "ema_decay": 0.999, "log_every": 25, "ckpt_every": 250, "keep_last": 0,
             "snapshot_every": 0, "sample_every": 500, "ct.feature_net": "runs/mini-feature-net",
             "ct.feature_arch": "mini-vgg"}
+# The demo's consistency stage: ECT and AYT from the same teacher, same data order and noise.
+_DEMO_CT = {**_SHAPES, "stage": "consistency", "data.num_images": 4096, "net.init": "runs/demo-diffusion",
+            "ct.feature_net": "runs/demo-feature-net", "ct.feature_arch": "mini-vgg", "batch": 16, "iters": 200,
+            "optim.lr": 5e-4, "ema_decay": 0.99, "log_every": 25, "ckpt_every": 100, "keep_last": 0,
+            "snapshot_every": 0, "sample_every": 200}
 # The 2-D disk in R^16 (tangent study, ayt.analysis.disk_study): points as [N, 16, 1, 1] images, MLP nets.
 _DISK = {"data.name": "disk", "data.resolution": 1, "data.num_images": 10000, "net.arch": "mlp-disk",
          "device": None, "sample_every": 0, "keep_last": 0, "snapshot_every": 0}
@@ -235,7 +240,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          "log_every": 50, "ckpt_every": 500, "snapshot_every": 0, "sample_every": 0},
     "mini-ect": {**_MINI_CT, "ct.mode": "ect"},
     "mini-ayt": {**_MINI_CT, "ct.mode": "mfd"},
-    # The whole pipeline in minutes on 2 CPU cores (see README "demo"); `ayt demo` runs all three.
+    # The whole pipeline in minutes on 2 CPU cores (see README "demo"); `ayt demo` runs all four.
     "demo-feature-net": {**_SHAPES, "stage": "feature", "data.num_images": 4096, "feature.arch": "mini-vgg",
                          "optim.lr": 1e-3, "feature.p_ramp_iters": 50, "feature.eval_images": 512, "batch": 64,
                          "iters": 300, "ema_decay": 0.0, "log_every": 25, "ckpt_every": 100, "snapshot_every": 0,
@@ -243,10 +248,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo-diffusion": {**_SHAPES, "stage": "diffusion", "data.num_images": 4096, "optim.name": "adam",
                        "optim.lr": 1e-3, "optim.warmup_iters": 50, "batch": 32, "iters": 400, "ema_decay": 0.99,
                        "log_every": 25, "ckpt_every": 100, "snapshot_every": 100, "sample_every": 0},
-    "demo-ayt": {**_SHAPES, "stage": "consistency", "data.num_images": 4096, "ct.mode": "mfd",
-                 "net.init": "runs/demo-diffusion", "ct.feature_net": "runs/demo-feature-net",
-                 "ct.feature_arch": "mini-vgg", "batch": 16, "iters": 200, "optim.lr": 5e-4, "ema_decay": 0.99,
-                 "log_every": 25, "ckpt_every": 100, "keep_last": 0, "snapshot_every": 0, "sample_every": 200},
+    "demo-ect": {**_DEMO_CT, "ct.mode": "ect"},
+    "demo-ayt": {**_DEMO_CT, "ct.mode": "mfd"},
     # The paper's synthetic tangent study: a flat 2-D disk in R^16 (CPU minutes). Feature net on the
     # additive augmentations ('vec': mixup, noise), EDM pretraining, then ECT and AYT from it, keeping
     # every checkpoint (every 500 iterations) for the oscillation measure of ayt.analysis.
@@ -278,7 +281,8 @@ PRESET_PURPOSES: dict[str, str] = {
     "mini-ayt": "AYT on the shapes from runs/mini-diffusion with runs/mini-feature-net (CPU, the mini study)",
     "demo-feature-net": "demo stage 1: feature net on 4,096 shapes in about a CPU minute (`python -m ayt demo`)",
     "demo-diffusion": "demo stage 2: diffusion pretraining on 4,096 shapes (`python -m ayt demo`)",
-    "demo-ayt": "demo stage 3: AYT tuning from the two demo runs, with a sample grid (`python -m ayt demo`)",
+    "demo-ect": "demo stage 3: ECT tuning from the demo teacher, the baseline (`python -m ayt demo`)",
+    "demo-ayt": "demo stage 4: AYT tuning from the same teacher with the demo feature net (`python -m ayt demo`)",
     "disk-feature-net": "MLP feature net on the 2-D disk in R^16 (the tangent study)",
     "disk-diffusion": "EDM pretraining of an MLP on the 2-D disk in R^16 (the tangent study)",
     "disk-ect": "ECT on the disk with ECT's doubling schedule (q=2, double_every 2500; the tangent study)",

@@ -1,27 +1,34 @@
-"""The mini study (../shared/design/MINI-STUDY.md): AYT vs ECT on the built-in shapes data, on CPU.
+"""The mini study, v2: AYT vs ECT at CPU scale, on the built-in shapes and on real photo crops.
 
-    python -m ayt study [--run-root runs] [--workers 2]
+    python -m ayt study [--run-root runs/study] [--workers 2] [--device cpu] [--datasets shapes,photos]
 
-Protocol, all from one command, resumable (completed runs are skipped, interrupted ones resume):
-  0. shared pieces: `mini-diffusion` (EDM pretraining), `mini-feature-net` (trained MFD net),
-     `mini-feature-net-random` (the same net, untrained: the control), and the shapes evaluator;
-  1. learning-rate sweep at batch 16, seed 0: ECT and AYT at each lr in LRS;
-  2. the best lr per method (lowest final 1-step FD_eval) with seeds 1 and 2 (seed 0 reused);
-  3. batch 64 at the chosen lrs (seed 0), for the small-batch claim;
-  4. the control: AYT with the untrained feature net at AYT's chosen lr.
-Every consistency run has the same pretrained init, data order and noise per seed (the loop derives
-both from the seed). Each run is evaluated at EVAL_ITERS with N_EVAL samples (1- and 2-step FD_eval,
-precision/recall, pixel SWD, manifold error); `summarize` turns the run directories into the study's
-numbers (written to <run_root>/mini-study.json).
+The protocol (docs/mini-study.md) in one command, resumable: finished runs are skipped,
+interrupted ones resume from their last checkpoint, and every started and finished run prints one
+line with its log path. Per dataset (a sub-directory of the run root):
+
+  0. shared pieces, trained once: the teacher `mini-diffusion` (EDM loss), the trained feature net
+     `mini-feature-net`, an untrained copy (`mini-feature-net-random`, the control) and the
+     independent evaluator (never the MFD network);
+  1. learning-rate selection on SELECTION_SEED (not a reporting seed), batch 16: the arms
+     ECT-fine (q = 256, fixed stage: AYT's schedule), ECT-official (q = 2, stage doubling) and AYT,
+     each over LR_GRID, extended past an edge pick (up to MAX_EXTENSIONS times);
+  2. reporting seeds 0-2 at the picks: AYT, the better ECT arm, and the control (AYT update with the
+     untrained feature net at AYT's pick);
+  3. the batch claim: the better ECT at batch 64 for BIG_BATCH_ITERS iterations, seeds 0-2;
+  4. every run evaluated at EVAL_ITERS (1- and 2-step FD_eval, precision/recall, multi-scale SWD).
+Every arm at a given seed has the same teacher, feature net, data order and noise (the training loop
+derives both from the seed). `summarize` turns the run directories into `<run-root>/mini-study.json`,
+the file every README number comes from (a copy is committed as figures/mini-study.json).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,212 +39,425 @@ import numpy as np
 from .cli import HelpFormatter
 from .progress import fmt_time
 
-LRS = (1e-4, 5e-4)
+DATASETS = ("shapes", "photos")
+DATA_OVERRIDES = {"shapes": [], "photos": ["data.name=photos"]}  # on top of the mini-* presets
+LR_GRID = (1e-4, 2e-4, 5e-4)
+EXTEND_UP, EXTEND_DOWN, MAX_EXTENSIONS = 2.5, 0.5, 2
+SELECTION_SEED = 100
 SEEDS = (0, 1, 2)
+ITERS = 2000
 EVAL_ITERS = (250, 500, 1000, 1500, 2000)
-BIG_BATCH, BIG_BATCH_ITERS = 64, 1000   # batch-64 runs cost ~3x per step on CPU: half the iterations
-N_EVAL = 2000
+BIG_BATCH, BIG_BATCH_ITERS = 64, 1000
+N_EVAL, N_REF = 2000, 10000
+FLAT_FROM, FLAT_TOL = 1500, 0.10      # ECT has flattened: < 10% relative change of 1-step FD_eval, 1500 -> 2000
 METRIC = "fd_eval"
+# The arms (docs/mini-study.md section 2): overrides on the mini-ect / mini-ayt presets.
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "ect-fine": ("mini-ect", []),                                            # q = 256, stage 0 (AYT's schedule)
+    "ect-official": ("mini-ect", ["ct.q=2", f"ct.double_every={ITERS // 8}"]),  # 8 stages, last one 1/256
+    "ayt": ("mini-ayt", []),
+}
+ECT_ARMS = ("ect-fine", "ect-official")
 
 
-def _run(cmd: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    what = f"{cmd[3]} {log.stem}"  # e.g. "train mini-ect-lr0.0001-bs16-s0"
-    print(f"[study] started  {what} (log {log})", flush=True)
-    t0 = time.time()
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    if rc != 0:
-        raise RuntimeError(f"command failed (exit {rc}), see {log}: {' '.join(cmd)}")
-    print(f"[study] finished {what} in {fmt_time(time.time() - t0)} (log {log})", flush=True)
+@dataclasses.dataclass
+class Study:
+    """Where the study runs and how: one instance per invocation."""
+    root: Path
+    device: str = "cpu"
+    workers: int = 2
+    log: callable = print
 
+    def __post_init__(self):
+        self.pool = ThreadPoolExecutor(self.workers)
+        self._lock = threading.Lock()
+        self._started = time.time()
 
-def _train(root: Path, preset: str, name: str, overrides: list[str]) -> Path:
-    run = root / name
-    res = run / "results.json"
-    if res.exists() and "train" in json.loads(res.read_text()):
+    def say(self, msg: str) -> None:
+        with self._lock:
+            self.log(f"[study {fmt_time(time.time() - self._started)}] {msg}")
+
+    # ------------------------------------------------------------------------------------------
+    # Subprocesses: one CPU thread each, output to a log file per run
+
+    def _run(self, cmd: list[str], log: Path, what: str) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        log.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        self.say(f"start  {what}  (log {log})")
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n")
+            f.flush()
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        if rc != 0:
+            self.say(f"FAILED {what} (exit {rc}); see {log}")
+            raise RuntimeError(f"{what} failed (exit {rc}); see {log}")
+        self.say(f"done   {what}  in {fmt_time(time.time() - t0)}  (log {log})")
+
+    def train(self, ds: str, preset: str, name: str, overrides: list[str]) -> Path:
+        root = self.root / ds
+        run = root / name
+        if _trained(run):
+            return run
+        self._run([sys.executable, "-m", "ayt", "train", "--preset", preset, "--resume", f"name={name}",
+                   f"run_root={root}", f"device={self.device}", *DATA_OVERRIDES[ds], *overrides],
+                  root / "logs" / f"{name}.log", f"{ds}/{name}")
         return run
-    _run([sys.executable, "-m", "ayt", "train", "--preset", preset, "--resume", f"name={name}",
-          f"run_root={root}", "device=cpu", *overrides], root / "logs" / f"{name}.log")
-    return run
+
+    def evaluate(self, ds: str, run: Path, iters: int) -> None:
+        done = {(r["iteration"], r["sampler"]) for r in _records(run) if r["n"] == N_EVAL}
+        todo = [it for it in EVAL_ITERS if it <= iters and not {(it, "1step"), (it, "2step")} <= done]
+        if todo:
+            self._run([sys.executable, "-m", "ayt", "eval", str(run), "--metric", METRIC,
+                       "--checkpoints", ",".join(map(str, todo)), "--n", str(N_EVAL), "--runs", "1", "--no-dfid",
+                       "--ref-images", str(N_REF), "--batch", "500", "--device", self.device,
+                       "--evaluator", str(self.evaluator_path(ds))],
+                      self.root / ds / "logs" / f"{run.name}.log", f"{ds}/{run.name} evaluation")
+
+    def evaluator_path(self, ds: str) -> Path:
+        return self.root / ds / "evaluator.pt"
+
+    # ------------------------------------------------------------------------------------------
+    # The protocol
+
+    def shared(self, ds: str) -> None:
+        """Teacher, trained and untrained feature nets, evaluator (step 0)."""
+        futs = [self.pool.submit(self.train, ds, "mini-diffusion", "mini-diffusion", []),
+                self.pool.submit(self.train, ds, "mini-feature-net", "mini-feature-net", [])]
+        [f.result() for f in futs]
+        self.train(ds, "mini-feature-net", "mini-feature-net-random", ["iters=0"])
+        self._run([sys.executable, "-m", "ayt.study", "--build-evaluator", ds, "--run-root", str(self.root),
+                   "--device", self.device], self.root / ds / "logs" / "evaluator.log", f"{ds} evaluator")
+
+    def ct_run(self, ds: str, arm: str, lr: float, seed: int, batch: int = 16, control: bool = False) -> Path:
+        preset, extra = ARMS[arm]
+        name = run_name(arm, lr, batch, seed, control)
+        iters = BIG_BATCH_ITERS if batch == BIG_BATCH else ITERS
+        root = self.root / ds
+        feature_net = root / ("mini-feature-net-random" if control else "mini-feature-net")
+        over = [*extra, f"optim.lr={lr}", f"seed={seed}", f"batch={batch}", f"iters={iters}",
+                f"net.init={root / 'mini-diffusion'}", f"ct.feature_net={feature_net}"]
+        run = self.train(ds, preset, name, over)
+        self.evaluate(ds, run, iters)
+        return run
+
+    def select(self, ds: str, arm: str) -> float:
+        """The arm's learning rate: lowest final 1-step FD_eval on the selection seed (step 1)."""
+        scores: dict[float, float] = {}
+        todo = list(LR_GRID)
+        while True:
+            runs = [self.pool.submit(self.ct_run, ds, arm, lr, SELECTION_SEED) for lr in todo]
+            scores.update({lr: final_score(f.result()) for lr, f in zip(todo, runs)})
+            pick, edge = pick_lr(scores)
+            if edge is None or len(scores) - len(LR_GRID) >= MAX_EXTENSIONS:
+                self.say(f"{ds}: {arm} picks lr {pick:g} from {sorted(scores)}"
+                         + (f" (still at the {edge} edge after {MAX_EXTENSIONS} extensions)" if edge else ""))
+                return pick
+            todo = [pick * (EXTEND_UP if edge == "upper" else EXTEND_DOWN)]
+            self.say(f"{ds}: {arm} pick {pick:g} is at the {edge} edge: extending the grid to {todo[0]:g}")
+
+    def dataset(self, ds: str) -> None:
+        self.shared(ds)
+        orchestrate = ThreadPoolExecutor(len(ARMS))
+        picks = dict(zip(ARMS, orchestrate.map(lambda arm: self.select(ds, arm), ARMS)))
+        sel = selection(self.root / ds)
+        ect = better_ect(sel)
+        jobs = [self.pool.submit(self.ct_run, ds, arm, picks[arm], s) for arm in ("ayt", ect) for s in SEEDS]
+        jobs += [self.pool.submit(self.ct_run, ds, "ayt", picks["ayt"], s, 16, True) for s in SEEDS]
+        jobs += [self.pool.submit(self.ct_run, ds, ect, picks[ect], s, BIG_BATCH) for s in SEEDS]
+        [j.result() for j in jobs]
+
+    def run(self, datasets=DATASETS) -> dict:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(len(datasets)) as ex:
+            [f.result() for f in [ex.submit(self.dataset, ds) for ds in datasets]]
+        summary = summarize(self.root, datasets)
+        summary["wall_clock_s_last_invocation"] = round(time.time() - self._started, 1)
+        write_summary(self.root, summary)
+        return summary
 
 
-def _evaluate(root: Path, run: Path, iters: int) -> None:
-    res = json.loads((run / "results.json").read_text())
-    done = {(r["iteration"], r["sampler"]) for r in res.get("eval", []) if r["n"] == N_EVAL}
-    todo = [it for it in EVAL_ITERS if it <= iters and ((it, "1step") not in done or (it, "2step") not in done)]
-    if todo:
-        _run([sys.executable, "-m", "ayt", "eval", str(run), "--checkpoints", ",".join(map(str, todo)),
-              "--n", str(N_EVAL), "--runs", "1", "--no-dfid", "--batch", "500", "--device", "cpu",
-              "--evaluator", str(root / "evaluators" / "shapes-16px.pt")], root / "logs" / f"{run.name}.log")
+# ----------------------------------------------------------------------------------------------
+# Pure helpers over run directories
+
+def run_name(arm: str, lr: float, batch: int, seed: int, control: bool = False) -> str:
+    return f"{arm}-lr{lr:g}-bs{batch}-s{seed}" + ("-randfeat" if control else "")
 
 
-def ct_run(root: Path, method: str, lr: float, seed: int, batch: int, feature_net: Optional[str] = None) -> Path:
-    name = f"mini-{method}-lr{lr:g}-bs{batch}-s{seed}" + ("-randfeat" if feature_net else "")
-    iters = BIG_BATCH_ITERS if batch >= BIG_BATCH else EVAL_ITERS[-1]
-    over = [f"optim.lr={lr}", f"seed={seed}", f"batch={batch}", f"iters={iters}", f"net.init={root / 'mini-diffusion'}",
-            f"ct.feature_net={feature_net or root / 'mini-feature-net'}"]
-    run = _train(root, f"mini-{method}", name, over)
-    _evaluate(root, run, iters)
-    return run
+def parse_run_name(name: str) -> Optional[dict]:
+    """Inverse of run_name; None for the shared pieces."""
+    for arm in ARMS:
+        if name.startswith(arm + "-lr"):
+            parts = name[len(arm) + 1:].split("-")
+            try:
+                return {"arm": arm, "lr": float(parts[0][2:]), "batch": int(parts[1][2:]), "seed": int(parts[2][1:]),
+                        "control": parts[3:] == ["randfeat"]}
+            except (ValueError, IndexError):
+                return None
+    return None
 
 
-def final_score(run: Path, sampler: str = "1step", it: int = EVAL_ITERS[-1]) -> float:
-    curve = _curve(run, sampler)
-    if it not in curve:
-        raise KeyError(f"{run}: no {sampler} evaluation at iteration {it}")
-    return curve[it]
+def _trained(run: Path) -> bool:
+    res = run / "results.json"
+    return res.exists() and "train" in json.loads(res.read_text())
 
 
-def run_study(root: Path, workers: int = 2) -> dict:
-    root.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    pool = ThreadPoolExecutor(workers)
-    # 0. shared pieces
-    from .evaluate import shapes_evaluator
-    futs = [pool.submit(_train, root, "mini-diffusion", "mini-diffusion", []),
-            pool.submit(_train, root, "mini-feature-net", "mini-feature-net", [])]
-    [f.result() for f in futs]
-    _train(root, "mini-feature-net", "mini-feature-net-random", ["iters=0"])
-    shapes_evaluator(16, str(root / "evaluators" / "shapes-16px.pt"))
-    # 1. learning-rate sweep
-    sweep = {(m, lr): pool.submit(ct_run, root, m, lr, 0, 16) for m in ("ect", "ayt") for lr in LRS}
-    sweep_scores = {k: final_score(f.result()) for k, f in sweep.items()}
-    best = {m: min(LRS, key=lambda lr: sweep_scores[(m, lr)]) for m in ("ect", "ayt")}
-    # 2-4. seeds, batch 64, control
-    jobs = [pool.submit(ct_run, root, m, best[m], s, 16) for m in ("ect", "ayt") for s in SEEDS[1:]]
-    jobs += [pool.submit(ct_run, root, m, best[m], 0, BIG_BATCH) for m in ("ect", "ayt")]
-    jobs.append(pool.submit(ct_run, root, "ayt", best["ayt"], 0, 16, str(root / "mini-feature-net-random")))
-    [j.result() for j in jobs]
-    summary = summarize(root)
-    summary["wall_clock_s"] = round(time.time() - t0, 1)
-    (root / "mini-study.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+def _records(run: Path) -> list[dict]:
+    res = run / "results.json"
+    return json.loads(res.read_text()).get("eval", []) if res.exists() else []
 
 
-def _curve(run: Path, sampler: str) -> dict[int, float]:
-    res = json.loads((run / "results.json").read_text())
-    return {r["iteration"]: r[METRIC]["mean"] for r in res.get("eval", [])
-            if r["sampler"] == sampler and r["n"] == N_EVAL}
+def curve(run: Path, sampler: str = "1step", key: str = METRIC) -> dict[int, float]:
+    """{iteration: value} of one evaluated quantity (fd_eval, precision, recall, swd, ...)."""
+    out = {}
+    for r in _records(run):
+        if r["sampler"] == sampler and r["n"] == N_EVAL and r.get("metric") == METRIC and key in r:
+            v = r[key]
+            out[int(r["iteration"])] = float(v["mean"] if isinstance(v, dict) else v)
+    return out
+
+
+def final_score(run: Path, sampler: str = "1step", it: Optional[int] = None) -> float:
+    it = it or (BIG_BATCH_ITERS if f"-bs{BIG_BATCH}-" in run.name else ITERS)
+    c = curve(run, sampler)
+    if it not in c:
+        raise KeyError(f"{run}: no {sampler} {METRIC} evaluation at iteration {it}")
+    return c[it]
+
+
+def pick_lr(scores: dict[float, float]) -> tuple[float, Optional[str]]:
+    """(best lr, 'lower'/'upper' when it sits at an edge of the grid, else None)."""
+    pick = min(scores, key=lambda lr: scores[lr])
+    edge = "lower" if pick == min(scores) else "upper" if pick == max(scores) else None
+    return pick, edge
 
 
 def iterations_to_reach(curve: dict[int, float], target: float) -> Optional[float]:
     """First iteration at which a curve reaches `target` (linear interpolation between evaluations)."""
-    its = sorted(curve)
     prev = None
-    for it in its:
+    for it in sorted(curve):
         if curve[it] <= target:
             if prev is None:
                 return float(it)
-            (i0, v0) = prev
+            i0, v0 = prev
             return i0 + (it - i0) * (v0 - target) / (v0 - curve[it]) if v0 != curve[it] else float(it)
         prev = (it, curve[it])
     return None
 
 
-def chosen_runs(root: Path) -> dict[str, Path]:
-    """The seed-0, batch-16 runs of each method at its chosen (best-swept) learning rate."""
-    scores = {}
-    for run in root.glob("mini-*-lr*-bs16-s0"):
-        method = run.name.split("-")[1]
-        try:
-            score = final_score(run)
-        except (KeyError, FileNotFoundError):
-            continue
-        scores.setdefault(method, []).append((score, run))
-    return {m: min(v, key=lambda x: x[0])[1] for m, v in sorted(scores.items())}
+def _runs(ds_root: Path) -> dict[str, dict]:
+    """Consistency runs of one dataset that have evaluations: name -> parsed name."""
+    out = {}
+    for p in sorted(ds_root.iterdir()) if ds_root.is_dir() else []:
+        meta = parse_run_name(p.name)
+        if meta is not None and curve(p):
+            out[p.name] = meta
+    return out
 
 
-def summarize(root: Path) -> dict:
-    """The study's numbers from its run directories."""
-    runs = sorted(p for p in root.glob("mini-e*-lr*") if (p / "results.json").exists()) + \
-        sorted(p for p in root.glob("mini-a*-lr*") if (p / "results.json").exists())
-    table = {}
-    for run in runs:
-        try:
-            table[run.name] = {s: _curve(run, s) for s in ("1step", "2step")}
-        except (KeyError, json.JSONDecodeError):
-            continue
-    out: dict = {"metric": METRIC, "n_eval": N_EVAL, "runs": table, "groups": {}}
-
-    def group(method: str, batch: int, rand: bool = False) -> dict[str, list[Path]]:
-        by_lr: dict[str, list[Path]] = {}
-        for name in table:
-            parts = name.split("-")
-            if parts[1] != method or f"bs{batch}" not in parts or (("randfeat" in parts) != rand):
+def selection(ds_root: Path) -> dict:
+    """Per arm: {lr: final 1-step FD_eval} on the selection seed, and the pick."""
+    out = {}
+    for name, m in _runs(ds_root).items():
+        if m["seed"] == SELECTION_SEED and m["batch"] == 16 and not m["control"]:
+            try:
+                out.setdefault(m["arm"], {"scores": {}})["scores"][m["lr"]] = final_score(ds_root / name)
+            except KeyError:
                 continue
-            by_lr.setdefault(parts[2][2:], []).append(root / name)
-        return by_lr
+    for arm, s in out.items():
+        s["pick"], s["edge"] = pick_lr(s["scores"])
+        s["scores"] = {f"{lr:g}": v for lr, v in sorted(s["scores"].items())}
+    return out
 
-    variants = [("ect", 16, False), ("ect", 64, False), ("ayt", 16, False), ("ayt", 64, False), ("ayt", 16, True)]
-    for method, batch, rand in variants:  # rand: the control with an untrained feature net
-        for lr, members in group(method, batch, rand).items():
-            for sampler in ("1step", "2step"):
-                last = BIG_BATCH_ITERS if batch >= BIG_BATCH else EVAL_ITERS[-1]
-                finals = [table[m.name][sampler].get(last) for m in members]
-                finals = [f for f in finals if f is not None]
-                if finals:
-                    tag = "-randfeat" if rand else ""
-                    out["groups"][f"{method}{tag}-bs{batch}-lr{lr}-{sampler}"] = {
-                        "iteration": last, "seeds": len(finals), "mean": float(np.mean(finals)), "min": float(np.min(finals)),
-                        "max": float(np.max(finals)), "runs": [m.name for m in members]}
-    # headline: iterations AYT needs to reach ECT's final value (bs16, each method at its chosen lr, per seed)
-    chosen = chosen_runs(root)
-    lr_of = {m: p.name.split("-")[2] for m, p in chosen.items()}
-    speed = []
-    for name, curves in table.items():
-        if "ect" not in lr_of or "ayt" not in lr_of or not name.startswith(f"mini-ect-{lr_of['ect']}-bs16-"):
+
+def better_ect(sel: dict) -> str:
+    """The ECT arm with the lower selection score at its pick (the baseline at its best)."""
+    have = [a for a in ECT_ARMS if a in sel]
+    if not have:
+        raise KeyError("no ECT arm has finished its selection runs")
+    return min(have, key=lambda a: sel[a]["scores"][f"{sel[a]['pick']:g}"])
+
+
+def _stats(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()), "seeds": len(a),
+            "values": [float(v) for v in a]}
+
+
+def _group(ds_root: Path, runs: dict, arm: str, lr: float, batch: int, control: bool) -> dict[int, Path]:
+    return {m["seed"]: ds_root / n for n, m in runs.items() if m["arm"] == arm and m["lr"] == lr
+            and m["batch"] == batch and m["control"] == control and m["seed"] in SEEDS}
+
+
+def _finals(group: dict[int, Path], it: int) -> dict:
+    out = {}
+    for sampler in ("1step", "2step"):
+        for key in (METRIC, "precision", "recall", "swd"):
+            vals = [curve(p, sampler, key).get(it) for p in group.values()]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                out[f"{key}_{sampler}"] = _stats(vals)
+    return out
+
+
+def summarize_dataset(ds_root: Path) -> dict:
+    runs = _runs(ds_root)
+    sel = selection(ds_root)
+    out: dict = {"selection": {a: {**s, "pick": s["pick"]} for a, s in sel.items()}}
+    if "ayt" not in sel or not any(a in sel for a in ECT_ARMS):
+        return out
+    ect = better_ect(sel)
+    picks = {a: s["pick"] for a, s in sel.items()}
+    groups = {"ayt": _group(ds_root, runs, "ayt", picks["ayt"], 16, False),
+              "ect": _group(ds_root, runs, ect, picks[ect], 16, False),
+              "control": _group(ds_root, runs, "ayt", picks["ayt"], 16, True),
+              "ect_bs64": _group(ds_root, runs, ect, picks[ect], BIG_BATCH, False)}
+    out["better_ect"] = ect
+    out["groups"] = {k: {"runs": sorted(p.name for p in g.values()),
+                         **_finals(g, BIG_BATCH_ITERS if k == "ect_bs64" else ITERS)} for k, g in groups.items()}
+    # ECT's curve has flattened? relative change of the seed-mean 1-step FD_eval from FLAT_FROM to ITERS.
+    ect_curves = [curve(p) for p in groups["ect"].values()]
+    ect_curves = [c for c in ect_curves if FLAT_FROM in c and ITERS in c]
+    if ect_curves:
+        a, b = np.mean([c[FLAT_FROM] for c in ect_curves]), np.mean([c[ITERS] for c in ect_curves])
+        out["ect_flattening"] = {"from": FLAT_FROM, "to": ITERS, "relative_change": float((a - b) / a),
+                                 "tolerance": FLAT_TOL, "flattened": bool(abs(a - b) / a < FLAT_TOL)}
+    # Headline: iterations AYT needs to reach the better ECT's final 1-step FD_eval, per seed.
+    per_seed = []
+    for seed, ect_run in sorted(groups["ect"].items()):
+        if seed not in groups["ayt"] or ITERS not in curve(ect_run):
             continue
-        seed = name.split("-")[-1]
-        twin = [n for n in table if n == f"mini-ayt-{lr_of['ayt']}-bs16-{seed}"]
-        for t in twin:
-            ect_final = curves["1step"].get(EVAL_ITERS[-1])
-            if ect_final is None:
-                continue
-            reach = iterations_to_reach(table[t]["1step"], ect_final)
-            speed.append({"ect": name, "ayt": t, "ect_final": ect_final, "ayt_iters_to_reach": reach,
-                          "speedup": (EVAL_ITERS[-1] / reach) if reach else None})
-    out["speedup"] = speed
-    out["chosen"] = {m: p.name for m, p in chosen.items()}
+        target = curve(ect_run)[ITERS]
+        reach = iterations_to_reach(curve(groups["ayt"][seed]), target)
+        per_seed.append({"seed": seed, "ect_final": target, "ayt_iterations_to_reach": reach,
+                         "speedup": ITERS / reach if reach else None})
+    out["headline"] = {"per_seed": per_seed}
+    reached = [s for s in per_seed if s["speedup"] is not None]
+    if per_seed and len(reached) == len(per_seed):
+        out["headline"]["speedup"] = _stats([s["speedup"] for s in reached])
+        out["headline"]["ayt_iterations_to_reach"] = _stats([s["ayt_iterations_to_reach"] for s in reached])
+    # Batch claim: AYT at batch 16 vs the better ECT at batch 64, both at BIG_BATCH_ITERS iterations.
+    ayt_at = [curve(p).get(BIG_BATCH_ITERS) for p in groups["ayt"].values()]
+    big = [curve(p).get(BIG_BATCH_ITERS) for p in groups["ect_bs64"].values()]
+    if all(v is not None for v in ayt_at + big) and ayt_at and big:
+        out["batch_claim"] = {"iteration": BIG_BATCH_ITERS, "ayt_bs16": _stats(ayt_at), "ect_bs64": _stats(big)}
+    out["wall_clock_s"] = {n: json.loads((ds_root / n / "results.json").read_text())["train"].get(
+        "wall_clock_s_last_session") for n in runs}
+    return out
+
+
+def summarize(root: Path, datasets=DATASETS) -> dict:
+    """The study's numbers from its run directories (pure: reads results.json files only)."""
+    protocol = {"lr_grid": list(LR_GRID), "selection_seed": SELECTION_SEED, "seeds": list(SEEDS), "iters": ITERS,
+                "eval_iters": list(EVAL_ITERS), "n_eval": N_EVAL, "n_ref": N_REF, "metric": METRIC,
+                "big_batch": BIG_BATCH, "big_batch_iters": BIG_BATCH_ITERS, "flat_tolerance": FLAT_TOL,
+                "arms": {a: {"preset": p, "overrides": o} for a, (p, o) in ARMS.items()}}
+    return {"protocol": protocol, "datasets": {ds: summarize_dataset(Path(root) / ds) for ds in datasets
+                                               if (Path(root) / ds).is_dir()}}
+
+
+def write_summary(root: Path, summary: dict) -> Path:
+    path = Path(root) / "mini-study.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
+
+
+def chosen_runs(ds_root: Path, seed: int = 0) -> dict[str, Path]:
+    """{'ect': ..., 'ayt': ...}: the reporting runs at `seed` of AYT and of the better ECT arm, each at its
+    selected learning rate (batch 16). Empty until the selection has finished."""
+    sel = selection(Path(ds_root))
+    if "ayt" not in sel or not any(a in sel for a in ECT_ARMS):
+        return {}
+    ect = better_ect(sel)
+    runs = {"ect": Path(ds_root) / run_name(ect, sel[ect]["pick"], 16, seed),
+            "ayt": Path(ds_root) / run_name("ayt", sel["ayt"]["pick"], 16, seed)}
+    return {k: p for k, p in runs.items() if _trained(p)}
+
+
+ARM_LABELS = {"ayt": "AYT", "ect-fine": "ECT (q=256)", "ect-official": "ECT (official schedule)"}
+
+
+def figure_runs(ds_root: Path, sampler: str = "1step") -> list[dict]:
+    """The reporting runs of one dataset as `ayt.plotting.describe_run` dicts, labelled by arm (the control
+    as 'AYT (untrained phi)'), for `plotting.metric_vs_iterations`: AYT, the better ECT and the control at
+    batch 16, the better ECT at batch 64."""
+    from .plotting import describe_run
+    sel = selection(Path(ds_root))
+    if "ayt" not in sel or not any(a in sel for a in ECT_ARMS):
+        return []
+    ect = better_ect(sel)
+    wanted = {("ayt", sel["ayt"]["pick"], False), (ect, sel[ect]["pick"], False), ("ayt", sel["ayt"]["pick"], True)}
+    out = []
+    for name, m in _runs(Path(ds_root)).items():
+        if m["seed"] in SEEDS and (m["arm"], m["lr"], m["control"]) in wanted:
+            info = describe_run(Path(ds_root) / name, sampler, METRIC)
+            if info and info["curve"]:
+                info["method"] = "AYT (untrained phi)" if m["control"] else ARM_LABELS[m["arm"]]
+                out.append(info)
     return out
 
 
 def sample_figures(root: Path, figures_dir: Path, n: int = 64, seed: int = 0) -> list[Path]:
-    """1- and 2-step sample grids of the chosen ECT and AYT runs (same noise for both), upscaled and
-    titled with run, iteration and sampler (`ayt.plotting.sample_grid`)."""
+    """1- and 2-step sample grids of the chosen ECT and AYT runs of every dataset (same noise for both),
+    upscaled and titled with run, iteration and sampler (`ayt.plotting.sample_grid`)."""
     import torch
     from .plotting import sample_grid, sample_title, save_figure
     from .sampling import generate
     from .train import load_run_model
     out = []
-    for method, run in chosen_runs(root).items():
-        net, cfg, state = load_run_model(run)
-        for steps in (1, 2):
-            x = generate(net, cfg.stage, n, state["img_channels"], cfg.data.resolution, state["label_dim"], seed,
-                         torch.device("cpu"), steps=steps)
-            title = sample_title(run.name, state["iteration"], cfg.stage, steps, n, seed)
-            out += save_figure(sample_grid(x, title, nrow=8), Path(figures_dir) / f"samples_mini_{method}_{steps}step",
-                               pdf=False)
+    for ds in DATASETS:
+        for method, run in chosen_runs(Path(root) / ds).items():
+            net, cfg, state = load_run_model(run)
+            for steps in (1, 2):
+                x = generate(net, cfg.stage, n, state["img_channels"], cfg.data.resolution, state["label_dim"], seed,
+                             torch.device("cpu"), steps=steps)
+                title = sample_title(f"{ds}/{run.name}", state["iteration"], cfg.stage, steps, n, seed)
+                out += save_figure(sample_grid(x, title, nrow=8),
+                                   Path(figures_dir) / f"samples_study_{ds}_{method}_{steps}step", pdf=False)
     return out
+
+
+def build_evaluator(root: Path, ds: str, device: str) -> Path:
+    """Train (once) the dataset's independent evaluator into <root>/<ds>/evaluator.pt."""
+    from .config import make_config
+    from .evaluate import dataset_evaluator
+    cfg = make_config("mini-diffusion", DATA_OVERRIDES[ds] + [f"run_root={root / ds}"])
+    path = Path(root) / ds / "evaluator.pt"
+    dataset_evaluator(cfg, str(path), device)
+    return path
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ayt study", description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--run-root", default="runs", help="where the study's runs, logs and mini-study.json go")
-    ap.add_argument("--workers", type=int, default=2, help="runs in parallel (one CPU thread each)")
-    ap.add_argument("--summarize", action="store_true", help="only recompute mini-study.json from the runs")
+    ap.add_argument("--run-root", default="runs/study", help="where the study's run directories go")
+    ap.add_argument("--workers", type=int, default=2, help="runs in parallel, one CPU thread each")
+    ap.add_argument("--device", default="cpu", help="device of every run: cpu or cuda")
+    ap.add_argument("--datasets", default=",".join(DATASETS),
+                    help=f"comma-separated subset of {', '.join(DATASETS)}")
+    ap.add_argument("--summary-only", action="store_true", help="only rebuild mini-study.json from the run directories")
     ap.add_argument("--sample-figures", metavar="DIR", help="only write sample grids of the chosen runs to DIR")
+    ap.add_argument("--build-evaluator", metavar="DATASET", help=argparse.SUPPRESS)  # used by the driver
     args = ap.parse_args(argv)
     root = Path(args.run_root)
+    datasets = tuple(d for d in args.datasets.split(",") if d)
+    unknown = [d for d in datasets if d not in DATASETS]
+    if unknown:
+        ap.error(f"unknown dataset(s) {unknown}; known: {', '.join(DATASETS)}")
+    if args.build_evaluator:
+        print(f"[study] evaluator ready: {build_evaluator(root, args.build_evaluator, args.device)}", flush=True)
+        return 0
     if args.sample_figures:
         for p in sample_figures(root, Path(args.sample_figures)):
             print("wrote", p)
         return 0
-    summary = summarize(root) if args.summarize else run_study(root, args.workers)
-    if args.summarize:
-        (root / "mini-study.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
+    if args.summary_only:
+        path = write_summary(root, summarize(root, datasets))
+    else:
+        summary = Study(root, args.device, args.workers, log=lambda m: print(m, flush=True)).run(datasets)
+        path = root / "mini-study.json"
+    print(f"[study] summary: {path}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -217,6 +217,8 @@ def load_feature_net(path: str, arch: str, resolution: int, in_channels: int, nu
                                 "(train one first: python -m ayt train --preset <...>-feature-net)")
     obj = ck.load_run_checkpoint(p, "model")[1] if p.is_dir() else ck.read_torch_file(p)
     if ck.is_checkpoint(obj):
+        if int(obj.get("iteration", 0)) > 0:  # an iters=0 net is an intended untrained control
+            warn_if_feature_net_untrained(p)
         ckpt = ck.check_checkpoint(obj, p)
         if ck.is_snapshot(ckpt):
             raise ck.CheckpointError(f"ct.feature_net={p} is an EMA-only snapshot; pass the feature run directory "
@@ -704,9 +706,50 @@ def finish_run(cfg: TrainConfig, run_dir: Path, model, ema, ds, device, wall_s: 
              ", ".join(f"{k} {v:.4f}" for k, v in new["feature_net"]["rmse"].items()))
     elif cfg.stage == "feature":
         new["feature_net"] = feature_net_quality(model, cfg, ds, device)
+        new["feature_net"]["verdict"] = feature_net_verdict(new["feature_net"]["r2"])
         _log(Dist(), "[ayt] feature net R^2 per label: " +
              ", ".join(f"{k} {v:.3f}" for k, v in new["feature_net"]["r2"].items()))
+        _log(Dist(), _verdict_line(new["feature_net"]["verdict"], run_dir))
     ck.update_json(run_dir / "results.json", lambda results: results.update(new))
+
+
+# A feature network "learned" when at least LEARNED_LABELS of its labels reach R^2 >= LEARNED_R2 on
+# held-out augmented images (R^2 = 0: no better than predicting the mean label). Below that, the MFD
+# gradient is close to that of an untrained network, which the mini study shows to be no better than
+# ECT (docs/mini-study.md, the control arm).
+LEARNED_R2, LEARNED_LABELS = 0.5, 3
+
+
+def feature_net_verdict(r2: dict[str, float], threshold: float = LEARNED_R2, min_labels: int = LEARNED_LABELS) -> dict:
+    """{'learned': bool, 'labels_above': [...], 'threshold', 'min_labels'} from per-label R^2 (NaN: label never on)."""
+    above = [k for k, v in r2.items() if v is not None and math.isfinite(v) and v >= threshold]
+    need = min(min_labels, len(r2))
+    return {"learned": len(above) >= need, "labels_above": above, "threshold": threshold, "min_labels": need}
+
+
+def _verdict_line(verdict: dict, where) -> str:
+    above = ", ".join(verdict["labels_above"]) or "none"
+    if verdict["learned"]:
+        return (f"[ayt] feature net {where} learned: {len(verdict['labels_above'])} labels reach R^2 >= "
+                f"{verdict['threshold']} ({above})")
+    return (f"[ayt] WARNING: feature net {where} did NOT learn: only {len(verdict['labels_above'])} label(s) reach "
+            f"R^2 >= {verdict['threshold']} (need {verdict['min_labels']}; {above}). Its MFD gradient is close to an "
+            "untrained network's, which gives no gain over ECT: train it longer (iters) or with a higher "
+            "feature.p before using it for AYT.")
+
+
+def warn_if_feature_net_untrained(path: Path) -> Optional[dict]:
+    """Print the loud warning for a feature run directory whose results.json says it did not learn."""
+    res = Path(path) / "results.json" if Path(path).is_dir() else Path(path).parent.parent / "results.json"
+    if not res.exists():
+        return None
+    fn = json.loads(res.read_text()).get("feature_net")
+    if not fn or "r2" not in fn:
+        return None
+    verdict = feature_net_verdict(fn["r2"])
+    if not verdict["learned"]:
+        print(_verdict_line(verdict, path), file=sys.stderr, flush=True)
+    return verdict
 
 
 @torch.no_grad()

@@ -54,7 +54,7 @@ def test_every_flag_has_help_and_shows_its_default(monkeypatch, capsys):
     assert "--n N samples per sampling run (default: 50000)" in _help(subs["eval"])
     assert "(default: --dfid)" in _help(subs["eval"]) and "(default: 0.2 0.4 0.8)" in _help(subs["eval"])
     assert "ct.q=256.0" in _help(subs["train"])  # every setting with its default
-    for sub, wanted in (("study", ["--run-root RUN_ROOT", "(default: runs)", "(default: 2)"]),
+    for sub, wanted in (("study", ["--run-root RUN_ROOT", "(default: runs/study)", "(default: 2)", "(default: cpu)"]),
                         ("notebook", ["(default: runs/notebooks)", "(default: a UTC timestamp)"])):
         with pytest.raises(SystemExit):
             cli.main([sub, "--help"])

@@ -231,23 +231,27 @@ def test_explore_figure_rows_are_labelled_and_pixel_exact():
 
 def test_study_sample_figures_are_upscaled_labelled_grids(tmp_path):
     """`python -m ayt study --sample-figures` (what `make figures` writes to figures/) draws the chosen
-    runs' samples with `sample_grid`: at least 400 px wide, titled with run, iteration and sampler."""
+    runs' samples (AYT and the better ECT at their selected lr, seed 0) with `sample_grid`: at least
+    400 px wide, titled with run, iteration and sampler."""
     import json
     from PIL import Image
     from ayt import study
     from ayt.config import make_config
     from ayt.train import train
-    name = "mini-ayt-lr0.0005-bs16-s0"
-    run = train(make_config(None, {"run_root": str(tmp_path), "name": name, "stage": "consistency", "ct.mode": "ect",
-                                   "ct.feature_net": "", "data.name": "shapes", "data.resolution": 8,
-                                   "data.num_images": 32, "net.arch": "tiny", "device": "cpu", "batch": 8, "iters": 1,
-                                   "log_every": 1, "sample_every": 0}))
-    res = json.loads((run / "results.json").read_text())
-    res["eval"] = [{"iteration": study.EVAL_ITERS[-1], "sampler": "1step", "n": study.N_EVAL, "metric": study.METRIC,
-                    study.METRIC: {"mean": 4.0}}]
-    (run / "results.json").write_text(json.dumps(res))
+    ds = tmp_path / "shapes"
+    for arm, score in (("ayt", 4.0), ("ect-fine", 6.0), ("ect-official", 7.0)):  # finished selection runs
+        sel = ds / study.run_name(arm, 5e-4, 16, study.SELECTION_SEED)
+        sel.mkdir(parents=True)
+        (sel / "results.json").write_text(json.dumps({"train": {}, "eval": [
+            {"iteration": study.ITERS, "sampler": "1step", "n": study.N_EVAL, "metric": study.METRIC,
+             study.METRIC: {"mean": score}}]}))
+    for arm in ("ayt", "ect-fine"):
+        train(make_config(None, {"run_root": str(ds), "name": study.run_name(arm, 5e-4, 16, 0), "stage": "consistency",
+                                 "ct.mode": "ect", "ct.feature_net": "", "data.name": "shapes", "data.resolution": 8,
+                                 "data.num_images": 32, "net.arch": "tiny", "device": "cpu", "batch": 8, "iters": 1,
+                                 "log_every": 1, "sample_every": 0}))
     paths = study.sample_figures(tmp_path, tmp_path / "figures", n=16)
-    assert [p.name for p in paths] == ["samples_mini_ayt_1step.png", "samples_mini_ayt_2step.png"]
+    assert [p.name for p in paths] == [f"samples_study_shapes_{m}_{s}step.png" for m in ("ect", "ayt") for s in (1, 2)]
     for p in paths:
         w, h = Image.open(p).size        # 2 rows of 8 images of 8 px, padded: 82 x 22 px, drawn 7x
         assert (w, h - 22 * 7) == (82 * 7, 68)             # with a 68 px title above the grid

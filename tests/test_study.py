@@ -1,4 +1,6 @@
-"""The mini-study summary: chosen learning rates, seed groups and the iterations-to-reach headline."""
+"""The mini study v2: run naming, learning-rate selection with edge extension, the better-ECT choice,
+the flattening criterion, the iterations-to-reach headline and the batch claim, from fake run
+directories (the protocol itself runs for hours; its driver is exercised by the pure functions it uses)."""
 import json
 import sys
 
@@ -7,12 +9,29 @@ import pytest
 from ayt import study
 
 
-def fake_run(root, name, curve1, n=study.N_EVAL):
-    run = root / name
+def fake_run(ds_root, name, curve1, n=study.N_EVAL, swd=1.0):
+    run = ds_root / name
     run.mkdir(parents=True)
-    recs = [{"iteration": it, "sampler": s, "metric": "fd_eval", "n": n, "fd_eval": {"mean": v * (0.5 if s == "2step" else 1)}}
+    recs = [{"iteration": it, "sampler": s, "metric": "fd_eval", "n": n,
+             "fd_eval": {"mean": v * (0.5 if s == "2step" else 1)}, "precision": {"mean": 0.5},
+             "recall": {"mean": 0.4}, "swd": {"mean": swd}}
             for it, v in curve1.items() for s in ("1step", "2step")]
-    (run / "results.json").write_text(json.dumps({"train": {}, "eval": recs}))
+    (run / "results.json").write_text(json.dumps({"train": {"wall_clock_s_last_session": 10.0}, "eval": recs}))
+    return run
+
+
+def test_run_names_round_trip():
+    for arm in study.ARMS:
+        for control in (False, True):
+            name = study.run_name(arm, 2e-4, 64, 100, control)
+            assert study.parse_run_name(name) == {"arm": arm, "lr": 2e-4, "batch": 64, "seed": 100, "control": control}
+    assert study.parse_run_name("mini-diffusion") is None and study.parse_run_name("evaluator.pt") is None
+
+
+def test_pick_lr_reports_edges():
+    assert study.pick_lr({1e-4: 3.0, 2e-4: 2.0, 5e-4: 4.0}) == (2e-4, None)
+    assert study.pick_lr({1e-4: 1.0, 2e-4: 2.0, 5e-4: 4.0}) == (1e-4, "lower")
+    assert study.pick_lr({1e-4: 5.0, 2e-4: 2.0, 5e-4: 1.0}) == (5e-4, "upper")
 
 
 def test_iterations_to_reach_interpolates():
@@ -22,34 +41,103 @@ def test_iterations_to_reach_interpolates():
     assert study.iterations_to_reach(curve, 1.0) is None
 
 
-def test_summarize(tmp_path):
-    ect = {250: 20.0, 500: 16.0, 1000: 12.0, 1500: 10.0, 2000: 8.0}
+def _populate(ds_root, ect_official_better=True):
+    ect = {250: 20.0, 500: 16.0, 1000: 12.0, 1500: 10.0, 2000: 9.5}
     ayt = {250: 18.0, 500: 12.0, 1000: 8.0, 1500: 6.0, 2000: 4.0}
-    for seed in range(3):
-        fake_run(tmp_path, f"mini-ect-lr0.0001-bs16-s{seed}", ect)
-        fake_run(tmp_path, f"mini-ayt-lr0.0005-bs16-s{seed}", ayt)
-    fake_run(tmp_path, "mini-ect-lr0.0005-bs16-s0", {k: v + 1 for k, v in ect.items()})
-    fake_run(tmp_path, "mini-ayt-lr0.0001-bs16-s0", {k: v + 1 for k, v in ayt.items()})
-    fake_run(tmp_path, "mini-ayt-lr0.0005-bs16-s0-randfeat", ect)
-    s = study.summarize(tmp_path)
-    assert s["chosen"] == {"ayt": "mini-ayt-lr0.0005-bs16-s0", "ect": "mini-ect-lr0.0001-bs16-s0"}
-    g = s["groups"]["ayt-bs16-lr0.0005-1step"]
-    assert g["seeds"] == 3 and g["mean"] == 4.0
-    assert len(s["speedup"]) == 3 and all(x["ayt_iters_to_reach"] == 1000.0 and x["speedup"] == 2.0
-                                          for x in s["speedup"])
+    off = 0.0 if ect_official_better else 2.0
+    for lr, d in ((1e-4, 1.0), (2e-4, 0.0), (5e-4, 3.0)):
+        fake_run(ds_root, study.run_name("ect-fine", lr, 16, study.SELECTION_SEED), {k: v + d + 1 for k, v in ect.items()})
+        fake_run(ds_root, study.run_name("ect-official", lr, 16, study.SELECTION_SEED), {k: v + d + off for k, v in ect.items()})
+        fake_run(ds_root, study.run_name("ayt", lr, 16, study.SELECTION_SEED), {k: v + d for k, v in ayt.items()})
+    best_ect = "ect-official" if ect_official_better else "ect-fine"
+    for seed in study.SEEDS:
+        fake_run(ds_root, study.run_name(best_ect, 2e-4, 16, seed), ect)
+        fake_run(ds_root, study.run_name("ayt", 2e-4, 16, seed), ayt)
+        fake_run(ds_root, study.run_name("ayt", 2e-4, 16, seed, control=True), {k: v + 5 for k, v in ect.items()})
+        fake_run(ds_root, study.run_name(best_ect, 2e-4, 64, seed), {250: 15.0, 500: 12.0, 1000: 10.0})
+    return best_ect
 
 
-def test_summarize_reports_the_control(tmp_path):
-    fake_run(tmp_path, "mini-ayt-lr0.0005-bs16-s0-randfeat", {2000: 9.0})
-    fake_run(tmp_path, "mini-ayt-lr0.0005-bs16-s0", {2000: 4.0})
-    g = study.summarize(tmp_path)["groups"]
-    assert g["ayt-randfeat-bs16-lr0.0005-1step"]["mean"] == 9.0 and g["ayt-bs16-lr0.0005-1step"]["mean"] == 4.0
+@pytest.mark.parametrize("official_better", [True, False])
+def test_summarize_dataset(tmp_path, official_better):
+    best = _populate(tmp_path / "shapes", official_better)
+    s = study.summarize(tmp_path, ("shapes", "photos"))
+    assert set(s["datasets"]) == {"shapes"}  # photos has no directory: left out, not invented
+    d = s["datasets"]["shapes"]
+    assert {a: v["pick"] for a, v in d["selection"].items()} == {a: 2e-4 for a in study.ARMS}
+    assert all(v["edge"] is None for v in d["selection"].values())
+    assert d["better_ect"] == best
+    assert d["groups"]["ayt"]["fd_eval_1step"]["mean"] == 4.0 and d["groups"]["ayt"]["fd_eval_1step"]["seeds"] == 3
+    assert d["groups"]["ect"]["fd_eval_2step"]["mean"] == pytest.approx(4.75)
+    assert d["groups"]["control"]["fd_eval_1step"]["mean"] == pytest.approx(14.5)
+    assert d["groups"]["ect_bs64"]["fd_eval_1step"]["mean"] == 10.0  # at BIG_BATCH_ITERS
+    # ECT changes 10.0 -> 9.5 from 1500 to 2000: 5% < 10%, flattened
+    assert d["ect_flattening"]["relative_change"] == pytest.approx(0.05) and d["ect_flattening"]["flattened"]
+    # AYT reaches ECT's final 9.5 between 500 (12) and 1000 (8): 500 + 500 * 2.5/4 = 812.5
+    assert [x["ayt_iterations_to_reach"] for x in d["headline"]["per_seed"]] == [pytest.approx(812.5)] * 3
+    assert d["headline"]["speedup"]["mean"] == pytest.approx(2000 / 812.5)
+    assert d["batch_claim"]["ayt_bs16"]["mean"] == 8.0 and d["batch_claim"]["ect_bs64"]["mean"] == 10.0
 
 
-def test_driver_prints_one_line_per_started_and_finished_job(tmp_path, capsys):
-    log = tmp_path / "logs" / "mini-x.log"
-    study._run([sys.executable, "-m", "ayt", "presets"], log)
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"[study] started  presets mini-x (log {log})"
-    assert lines[1].startswith("[study] finished presets mini-x in 0m") and lines[1].endswith(f"(log {log})")
+def test_headline_is_absent_when_ayt_never_reaches_ect(tmp_path):
+    root = tmp_path / "photos"
+    for arm in study.ARMS:
+        fake_run(root, study.run_name(arm, 1e-4, 16, study.SELECTION_SEED), {2000: 5.0 if arm != "ayt" else 6.0})
+    for seed in study.SEEDS:
+        fake_run(root, study.run_name("ect-fine", 1e-4, 16, seed), {1500: 5.0, 2000: 4.0})
+        fake_run(root, study.run_name("ayt", 1e-4, 16, seed), {1500: 6.0, 2000: 5.0})
+    d = study.summarize(tmp_path)["datasets"]["photos"]
+    assert d["selection"]["ayt"]["edge"] == "lower"  # a one-point grid is its own edge
+    assert all(x["ayt_iterations_to_reach"] is None for x in d["headline"]["per_seed"])
+    assert "speedup" not in d["headline"]  # never a number when a seed did not get there
+    assert not d["ect_flattening"]["flattened"]  # 5 -> 4 is a 20% change
+
+
+def test_selection_extends_an_edge_pick(tmp_path, monkeypatch):
+    """Study.select runs the grid, extends past an edge pick, and stops at an interior pick."""
+    score = {1e-4: 3.0, 2e-4: 2.0, 5e-4: 1.5, 1.25e-3: 1.8}  # best at the upper edge, then interior
+    calls = []
+
+    def fake_ct_run(self, ds, arm, lr, seed, batch=16, control=False):
+        calls.append(lr)
+        return fake_run(tmp_path / ds, study.run_name(arm, lr, batch, seed), {study.ITERS: score[lr]})
+    monkeypatch.setattr(study.Study, "ct_run", fake_ct_run)
+    s = study.Study(tmp_path, workers=2, log=lambda m: None)
+    assert s.select("shapes", "ayt") == 5e-4
+    assert sorted(calls) == [1e-4, 2e-4, 5e-4, 1.25e-3]
+
+
+def test_cli_rejects_unknown_dataset(tmp_path):
+    with pytest.raises(SystemExit):
+        study.main(["--run-root", str(tmp_path), "--datasets", "cifar10", "--summary-only"])
+
+
+def test_driver_prints_one_line_per_started_and_finished_job(tmp_path):
+    lines = []
+    s = study.Study(tmp_path, workers=1, log=lines.append)
+    log = tmp_path / "logs" / "x.log"
+    s._run([sys.executable, "-m", "ayt", "presets"], log, "shapes/x")
+    assert lines[0].endswith(f"start  shapes/x  (log {log})")
+    assert " done   shapes/x  in 0m" in lines[1] and lines[1].endswith(f"(log {log})")
     assert "mini-ayt" in log.read_text()  # the job's output went to its log
+    with pytest.raises(RuntimeError, match="failed"):
+        s._run([sys.executable, "-c", "raise SystemExit(3)"], log, "shapes/bad")
+    assert "FAILED shapes/bad (exit 3)" in lines[-1]
+
+
+def test_figure_runs_label_the_reporting_arms(tmp_path):
+    root = tmp_path / "shapes"
+    best = _populate(root, ect_official_better=True)
+    for run in root.iterdir():
+        m = study.parse_run_name(run.name)
+        (run / "config.json").write_text(json.dumps({
+            "stage": "consistency", "ct": {"mode": "ect" if m["arm"] != "ayt" else "mfd", "feature_net": None},
+            "batch": m["batch"], "optim": {"lr": m["lr"]}, "seed": m["seed"], "iters": 2000,
+            "data": {"name": "shapes", "resolution": 16}}))
+    runs = study.figure_runs(root)
+    labels = sorted({(r["method"], r["batch"]) for r in runs})
+    assert labels == [("AYT", 16), ("AYT (untrained phi)", 16), ("ECT (official schedule)", 16),
+                      ("ECT (official schedule)", 64)]
+    assert all(r["seed"] in study.SEEDS for r in runs) and len(runs) == 12  # no selection-seed run
+    assert best == "ect-official"
+    assert study.chosen_runs(tmp_path / "nothing") == {}
