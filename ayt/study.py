@@ -15,7 +15,8 @@ line with its log path. Per dataset (a sub-directory of the run root):
   2. reporting seeds 0-2 at the picks: AYT, the better ECT arm, and the control (AYT update with the
      untrained feature net at AYT's pick);
   3. the batch claim: the better ECT at batch 64 for BIG_BATCH_ITERS iterations, seeds 0-2;
-  4. every run evaluated at EVAL_ITERS (1- and 2-step FD_eval, precision/recall, multi-scale SWD).
+  4. reporting runs evaluated at EVAL_ITERS, selection runs at their end (1- and 2-step FD_eval,
+     precision/recall, multi-scale SWD).
 Every arm at a given seed has the same teacher, feature net, data order and noise (the training loop
 derives both from the seed). `summarize` turns the run directories into `<run-root>/mini-study.json`,
 the file every README number comes from (a copy is committed as figures/mini-study.json).
@@ -104,9 +105,9 @@ class Study:
                   root / "logs" / f"{name}.log", f"{ds}/{name}")
         return run
 
-    def evaluate(self, ds: str, run: Path, iters: int) -> None:
+    def evaluate(self, ds: str, run: Path, iters: int, at=EVAL_ITERS) -> None:
         done = {(r["iteration"], r["sampler"]) for r in _records(run) if r["n"] == N_EVAL}
-        todo = [it for it in EVAL_ITERS if it <= iters and not {(it, "1step"), (it, "2step")} <= done]
+        todo = [it for it in at if it <= iters and not {(it, "1step"), (it, "2step")} <= done]
         if todo:
             self._run([sys.executable, "-m", "ayt", "eval", str(run), "--metric", METRIC,
                        "--checkpoints", ",".join(map(str, todo)), "--n", str(N_EVAL), "--runs", "1", "--no-dfid",
@@ -138,7 +139,8 @@ class Study:
         over = [*extra, f"optim.lr={lr}", f"seed={seed}", f"batch={batch}", f"iters={iters}",
                 f"net.init={root / 'mini-diffusion'}", f"ct.feature_net={feature_net}"]
         run = self.train(ds, preset, name, over)
-        self.evaluate(ds, run, iters)
+        # selection runs are scored at their end only; reporting runs get the whole curve
+        self.evaluate(ds, run, iters, (ITERS,) if seed == SELECTION_SEED else EVAL_ITERS)
         return run
 
     def select(self, ds: str, arm: str) -> float:
@@ -169,8 +171,8 @@ class Study:
 
     def run(self, datasets=DATASETS) -> dict:
         self.root.mkdir(parents=True, exist_ok=True)
-        with ThreadPoolExecutor(len(datasets)) as ex:
-            [f.result() for f in [ex.submit(self.dataset, ds) for ds in datasets]]
+        for ds in datasets:  # one after the other: the first dataset's results come first
+            self.dataset(ds)
         summary = summarize(self.root, datasets)
         summary["wall_clock_s_last_invocation"] = round(time.time() - self._started, 1)
         write_summary(self.root, summary)
