@@ -714,10 +714,11 @@ def finish_run(cfg: TrainConfig, run_dir: Path, model, ema, ds, device, wall_s: 
 
 
 # A feature network "learned" when at least LEARNED_LABELS of its labels reach R^2 >= LEARNED_R2 on
-# held-out augmented images (R^2 = 0: no better than predicting the mean label). Below that, the MFD
-# gradient is close to that of an untrained network, which the mini study shows to be no better than
-# ECT (docs/mini-study.md, the control arm).
-LEARNED_R2, LEARNED_LABELS = 0.5, 3
+# held-out augmented images (R^2 = 0: no better than predicting the mean label). On the shapes the
+# degradation labels (noise, blur) are learned first and the colour/rotation labels hardly at all (the
+# data already randomises them), so two labels is the bar; a net below it is close to the untrained
+# control arm of the mini study (docs/mini-study.md), which gives no gain over ECT.
+LEARNED_R2, LEARNED_LABELS = 0.5, 2
 
 
 def feature_net_verdict(r2: dict[str, float], threshold: float = LEARNED_R2, min_labels: int = LEARNED_LABELS) -> dict:
