@@ -28,6 +28,8 @@ from typing import Iterator, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .config import FEATURE_NET_MODES
+
 PathLike = Union[str, Path]
 
 
@@ -315,7 +317,7 @@ def describe_run(run_dir: PathLike, sampler: str = "1step", metric: Optional[str
             "curve": curve}
     method = METHOD_LABELS.get(ct["mode"], ct["mode"])
     fn = ct.get("feature_net")
-    if fn and ct["mode"] in ("mfd", "ect+mfd"):
+    if fn and ct["mode"] in FEATURE_NET_MODES:
         fcfg = _read_json(Path(fn) / "config.json")
         if fcfg:
             info["aug_set"] = fcfg["feature"]["aug_set"]
