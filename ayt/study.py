@@ -420,12 +420,15 @@ def sample_figures(root: Path, figures_dir: Path, n: int = 64, seed: int = 0) ->
 
 
 def build_evaluator(root: Path, ds: str, device: str) -> Path:
-    """Train (once) the dataset's independent evaluator into <root>/<ds>/evaluator.pt."""
+    """Train (once) the dataset's independent evaluator into <root>/<ds>/evaluator.pt, and build the
+    held-out reference data with it, before the parallel evaluations read both."""
     from .config import make_config
-    from .evaluate import dataset_evaluator
+    from .evaluate import EvalConfig, FeatureSpace
     cfg = make_config("mini-diffusion", DATA_OVERRIDES[ds] + [f"run_root={root / ds}"])
     path = Path(root) / ds / "evaluator.pt"
-    dataset_evaluator(cfg, str(path), device)
+    space = FeatureSpace(cfg, EvalConfig(metric=METRIC, evaluator=str(path), ref_images=N_REF, device=device), device,
+                         log=lambda m: print(m, flush=True))
+    print(f"[study] {ds}: reference {space.ref_note}", flush=True)
     return path
 
 
