@@ -305,7 +305,7 @@ def _finals(group: dict[int, Path], it: int) -> dict:
 def summarize_dataset(ds_root: Path) -> dict:
     runs = _runs(ds_root)
     sel = selection(ds_root)
-    out: dict = {"selection": {a: {**s, "pick": s["pick"]} for a, s in sel.items()}}
+    out: dict = {"complete": False, "selection": {a: {**s, "pick": s["pick"]} for a, s in sel.items()}}
     if "ayt" not in sel or not any(a in sel for a in ECT_ARMS):
         return out
     ect = better_ect(sel)
@@ -343,6 +343,9 @@ def summarize_dataset(ds_root: Path) -> dict:
     big = [curve(p).get(BIG_BATCH_ITERS) for p in groups["ect_bs64"].values()]
     if all(v is not None for v in ayt_at + big) and ayt_at and big:
         out["batch_claim"] = {"iteration": BIG_BATCH_ITERS, "ayt_bs16": _stats(ayt_at), "ect_bs64": _stats(big)}
+    # complete: every arm selected, every reporting group evaluated on all seeds, headline and batch claim
+    out["complete"] = bool(set(sel) == set(ARMS) and len(per_seed) == len(SEEDS) and "batch_claim" in out
+                           and all(len(g) == len(SEEDS) for g in groups.values()))
     out["wall_clock_s"] = {n: json.loads((ds_root / n / "results.json").read_text())["train"].get(
         "wall_clock_s_last_session") for n in runs}
     return out

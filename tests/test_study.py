@@ -77,6 +77,7 @@ def test_summarize_dataset(tmp_path, official_better):
     assert [x["ayt_iterations_to_reach"] for x in d["headline"]["per_seed"]] == [pytest.approx(812.5)] * 3
     assert d["headline"]["speedup"]["mean"] == pytest.approx(2000 / 812.5)
     assert d["batch_claim"]["ayt_bs16"]["mean"] == 8.0 and d["batch_claim"]["ect_bs64"]["mean"] == 10.0
+    assert d["complete"]
 
 
 def test_headline_is_absent_when_ayt_never_reaches_ect(tmp_path):
@@ -91,6 +92,7 @@ def test_headline_is_absent_when_ayt_never_reaches_ect(tmp_path):
     assert all(x["ayt_iterations_to_reach"] is None for x in d["headline"]["per_seed"])
     assert "speedup" not in d["headline"]  # never a number when a seed did not get there
     assert not d["ect_flattening"]["flattened"]  # 5 -> 4 is a 20% change
+    assert not d["complete"]  # no control, no batch claim
 
 
 def test_selection_extends_an_edge_pick(tmp_path, monkeypatch):
