@@ -32,8 +32,8 @@ METRICS = ("auto", "fid", "fd_eval")
 @dataclasses.dataclass
 class EvalConfig:
     metric: str = "auto"             # fid | fd_eval | auto (fd_eval on the built-in shapes, fid otherwise)
-    n: int = 50000                   # samples per sampling run (METHOD.md: 50k)
-    runs: int = 3                    # sampling runs per checkpoint (METHOD.md: 3)
+    n: int = 50000                   # samples per sampling run (docs/method.md section 5.2: 50k)
+    runs: int = 3                    # sampling runs per checkpoint (docs/method.md section 5.2: 3)
     steps: tuple = (1, 2)            # consistency sampling steps to evaluate
     dfid_sigmas: tuple = (0.2, 0.4, 0.8)  # one-step denoising FID at these sigmas; () disables
     batch: int = 500

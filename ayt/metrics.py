@@ -1,7 +1,7 @@
 """Small-scale sample-quality metrics for runs where Inception weights are unavailable.
 
 These are measurement instruments for the built-in shapes data (`ayt.data.make_shapes`) and other
-small experiments, not quantities from the paper; FID (METHOD.md section 5) lives in `ayt.fid`.
+small experiments, not quantities from the paper; FID (docs/method.md section 5.2) lives in `ayt.fid`.
 
   ShapesEvaluator / train_evaluator   a small CNN regressing the shapes' generating parameters;
                                       its penultimate layer is the feature space of FD_eval

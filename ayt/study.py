@@ -1,4 +1,4 @@
-"""The mini study (../shared/design/MINI-STUDY.md): AYT vs ECT on the built-in shapes data, on CPU.
+"""The mini study (docs/mini-study.md): AYT vs ECT on the built-in shapes data, on CPU.
 
     python -m ayt study [--run-root runs] [--workers 2]
 
