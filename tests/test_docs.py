@@ -188,7 +188,7 @@ def test_the_checker_finds_bad_citations(tmp_path):
         f"c{MD}": (f"[up](../outside{MD})\n", f"../outside{MD}: link points outside"),
         f"d{MD}": (f"[x](docs/missing{MD})\n", f"docs/missing{MD}: link to a file that does not exist"),
         "e.sh": (f"# [guide](docs/guide{MD}) section 3\n", f"docs/guide{MD} section 3: no such numbered section"),
-        "f.toml": (f'readme = "../../shared/NOTES{MD}"\n', "cited document points outside"),
+        "f.toml": (f'readme = "../../elsewhere/NOTES{MD}"\n', "cited document points outside"),
         f"g{MD}": ("![plot](figures/none.png)\n", "figures/none.png: link to a file that does not exist"),
         "h.py": (f"# /abs/path/NOTES{MD}\n", "cited document is an absolute path"),
     }
