@@ -18,7 +18,7 @@ Tangents and update directions (all [N, C, H, W]):
     AYT update direction    u_ayt = -w g,  g = grad_D MFD(D, D_r) / ||grad_D MFD||  at D = D_t
 
 u_cm and u_ayt are "output-space update directions": -B dL/dD_t of the respective loss for a
-batch of B samples (docs/method.md section 4: both have norm w), i.e. the direction in which one
+batch of B samples (docs/method.md section 4.1: both have norm w), i.e. the direction in which one
 gradient step moves the output D_t. u_cm = -w T_d / ||T_d||, so its decomposition equals T_d's.
 
 Measures: `decompose` (fraction of ||v||^2 in the tangent / normal space), `toward_manifold_cosine`
@@ -165,7 +165,7 @@ def ayt_tangent(distance: Callable[[Tensor, Tensor], Tensor], D_t: Tensor, D_r: 
 
     Sign convention: the direction in which the AYT surrogate moves the output (the *negative*
     gradient: `direction_surrogate` has gradient (w/B) g with respect to D_t, and a gradient step
-    moves D_t along -g). Norm w per sample, like `cm_update_direction` (docs/method.md section 4).
+    moves D_t along -g). Norm w per sample, like `cm_update_direction` (docs/method.md section 4.1).
     distance: a frozen per-sample distance, e.g. `ayt.losses.MFD(phi)`. w: [N].
     """
     g = distance_direction(distance, D_t.detach().float(), D_r.detach().float())

@@ -51,7 +51,7 @@ def mfd(phi, a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5,
 
 
 def normalize_per_sample(g: torch.Tensor, min_norm: float = 1e-5) -> torch.Tensor:
-    """g_b / max(||g_b||_2, min_norm), norm over all non-batch entries (docs/method.md section 4, step 2)."""
+    """g_b / max(||g_b||_2, min_norm), norm over all non-batch entries (docs/method.md section 4.1, step 2)."""
     norm = g.flatten(1).norm(dim=1).clamp(min=min_norm)
     return g / norm.view(-1, *([1] * (g.ndim - 1)))
 
@@ -75,7 +75,7 @@ def distance_direction(distance: Callable[[torch.Tensor, torch.Tensor], torch.Te
 
 
 def direction_surrogate(D: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Surrogate L = mean_b w_b * 0.5 * ||D_b - stopgrad(D_b - g_b)||^2 (docs/method.md section 4, step 3).
+    """Surrogate L = mean_b w_b * 0.5 * ||D_b - stopgrad(D_b - g_b)||^2 (docs/method.md section 4.1, step 3).
 
     Its gradient with respect to D_b is exactly (w_b / B) g_b: the step size of ECT's (c = 0)
     gradient, the direction of the distance's gradient. Returns per-sample values [N] whose mean is L.
