@@ -1,7 +1,7 @@
 """Tangent analysis: where do consistency-training updates push the model's output?
 
-The paper's tangent study (METHOD.md section 6, last paragraph), made quantitative. Notation
-(METHOD.md sections 1-4):
+The paper's tangent study (docs/method.md section 6.2), made quantitative. Notation
+(docs/method.md sections 1-4):
 
     x_0, eps   data [N, C, H, W] and one Gaussian draw of the same shape; x_t = x_0 + t eps
     f(x, t)    the consistency model (EDMPrecond); D_t = f(x_t, t), D_r = f(x_r, r), r < t
@@ -18,7 +18,7 @@ Tangents and update directions (all [N, C, H, W]):
     AYT update direction    u_ayt = -w g,  g = grad_D MFD(D, D_r) / ||grad_D MFD||  at D = D_t
 
 u_cm and u_ayt are "output-space update directions": -B dL/dD_t of the respective loss for a
-batch of B samples (METHOD.md section 4: both have norm w), i.e. the direction in which one
+batch of B samples (docs/method.md section 4.1: both have norm w), i.e. the direction in which one
 gradient step moves the output D_t. u_cm = -w T_d / ||T_d||, so its decomposition equals T_d's.
 
 Measures: `decompose` (fraction of ||v||^2 in the tangent / normal space), `toward_manifold_cosine`
@@ -165,7 +165,7 @@ def ayt_tangent(distance: Callable[[Tensor, Tensor], Tensor], D_t: Tensor, D_r: 
 
     Sign convention: the direction in which the AYT surrogate moves the output (the *negative*
     gradient: `direction_surrogate` has gradient (w/B) g with respect to D_t, and a gradient step
-    moves D_t along -g). Norm w per sample, like `cm_update_direction` (METHOD.md section 4).
+    moves D_t along -g). Norm w per sample, like `cm_update_direction` (docs/method.md section 4.1).
     distance: a frozen per-sample distance, e.g. `ayt.losses.MFD(phi)`. w: [N].
     """
     g = distance_direction(distance, D_t.detach().float(), D_r.detach().float())
@@ -327,7 +327,7 @@ def augment_tangent_basis(x: Tensor, directions: Sequence[str] = tuple(d for d, 
 
     Each direction is a one-parameter family of `ayt.augment` transforms (translation along x / y,
     rotation, isotropic and anisotropic scaling, brightness, contrast, hue, saturation: the
-    symmetries the feature net is trained on, METHOD.md section 3), differentiated by central
+    symmetries the feature net is trained on, docs/method.md section 3.3), differentiated by central
     differences (T(h) - T(-h)) / 2h; both sides go through the same warp filter.
     """
     from .augment import AugmentPipe

@@ -1,6 +1,6 @@
 """Augmentation pipe whose random parameters are the regression labels of the feature net.
 
-METHOD.md section 3. The manifold feature network phi is trained to regress the parameters of
+docs/method.md section 3.3. The manifold feature network phi is trained to regress the parameters of
 random augmentations. This module draws those parameters, applies them, and returns the labels:
 
     pipe = AugmentPipe('geo_clr_deg', p=0.15)
@@ -227,7 +227,7 @@ def _downsample2x(x: Tensor, taps: Tensor) -> Tensor:
 
 
 def affine_warp(x: Tensor, G_inv: Tensor) -> Tensor:
-    """Warp images by per-sample affine maps, as EDM's augmentation pipe (METHOD.md section 3).
+    """Warp images by per-sample affine maps, as EDM's augmentation pipe (docs/method.md section 3.3).
 
     x: [N, C, H, W]. G_inv: [N, 3, 3], maps output pixel coordinates to input pixel coordinates,
     both with the origin at the image centre ((W-1)/2, (H-1)/2) and y pointing down.
@@ -319,7 +319,7 @@ def unit_shell(n: Tensor) -> Tensor:
 # The pipe.
 
 class AugmentPipe:
-    """Random augmentations with regression labels (METHOD.md section 3).
+    """Random augmentations with regression labels (docs/method.md section 3.3).
 
     Args:
         aug_set: named set of transforms, a key of AUG_SETS ('deg', 'geo', 'geo_deg', 'geo_clr',

@@ -1,7 +1,7 @@
 """Typed run configurations, named presets and `key=value` overrides.
 
 A run is fully described by one `TrainConfig` (plus its seed): defaults are the paper's reference
-settings (METHOD.md); presets are named sets of overrides; the command line and notebooks add
+settings (docs/method.md section 7); presets are named sets of overrides; the command line and notebooks add
 dotted overrides (`optim.lr=5e-4`). Unknown keys, wrong types and impossible values raise
 `ConfigError` before any work starts.
 """
@@ -45,7 +45,7 @@ class NetworkConfig:
 
 @dataclass
 class ConsistencyConfig:
-    """ECT and the AYT update (METHOD.md sections 2 and 4)."""
+    """ECT and the AYT update (docs/method.md sections 2 and 4)."""
     mode: str = "mfd"                # ect | mfd | ect+mfd | lpips | ect+lpips  (AYT reference: mfd);
                                      # continuous time (group `continuous`): ccd | ccd-ayt | cct | cct-ayt
     P_mean: float = -1.1
@@ -103,7 +103,7 @@ class DiffusionConfig:
 
 @dataclass
 class FeatureConfig:
-    """Manifold feature-network training (METHOD.md section 3)."""
+    """Manifold feature-network training (docs/method.md section 3)."""
     arch: str = "vgg16"              # ayt.features registry name
     aug_set: str = "geo_clr_deg"     # deg | geo | geo_deg | geo_clr | geo_clr_deg | vec (vector data)
     p: float = 0.15                  # per-transform probability after the ramp
@@ -173,7 +173,7 @@ CT_MODES = ("ect", "mfd", "ect+mfd", "lpips", "ect+lpips", "ccd", "ccd-ayt", "cc
 FEATURE_NET_MODES = ("mfd", "ect+mfd", "ccd-ayt", "cct-ayt")   # modes that need ct.feature_net
 
 # ----------------------------------------------------------------------------------------------
-# Presets: named override sets. Paper scale from METHOD.md; mini-* sized from MINI-STUDY.md.
+# Presets: named override sets. Paper scale: docs/method.md section 7; CPU scale: docs/method.md section 8.3.
 
 _CIFAR = {"data.name": "cifar10", "data.resolution": 32, "net.arch": "ddpmpp-cifar10"}
 _IMNET = {"data.name": "zip", "data.root": "data/imagenet-64x64.zip", "data.resolution": 64,
@@ -231,7 +231,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "imagenet64-feature-net": {"stage": "feature", "data.name": "zip", "data.root": "data/imagenet-64x64.zip",
                                "data.resolution": 64, "feature.arch": "vgg16", "batch": 512, "iters": 400000,
                                "ema_decay": 0.0, "snapshot_every": 0},
-    # CPU scale on the built-in shapes data (MINI-STUDY.md calibration facts).
+    # CPU scale on the built-in shapes data (the mini study, docs/mini-study.md section 1).
     "mini-diffusion": {**_SHAPES, "stage": "diffusion", "optim.name": "adam", "optim.lr": 1e-3,
                        "optim.warmup_iters": 200, "batch": 32, "iters": 3000, "ema_decay": 0.999,
                        "log_every": 50, "ckpt_every": 500, "snapshot_every": 500, "sample_every": 1000},

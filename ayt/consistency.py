@@ -1,6 +1,6 @@
 """Easy Consistency Tuning (ECT) and consistency-model samplers.
 
-METHOD.md sections 1, 2 and 5. Notation (Song et al. 2023; Geng et al. 2024, "ECT"):
+docs/method.md sections 1, 2 and 5. Notation (Song et al. 2023; Geng et al. 2024, "ECT"):
 
     x_0   clean images [N, C, H, W] in [-1, 1]
     t, r  noise levels [N] with 0 <= r < t;  x_t = x_0 + t * eps,  x_r = x_0 + r * eps (one shared eps)
@@ -24,7 +24,7 @@ from .losses import pseudo_huber
 
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
-SIGMA_MID = 0.821  # 2-step sampling: intermediate noise level (METHOD.md section 5)
+SIGMA_MID = 0.821  # 2-step sampling: intermediate noise level (docs/method.md section 5.1)
 
 R_MAPPINGS = ("sigmoid", "const")
 CONST_FLOOR = 1 / 256  # the AYT code's floor on the const mapping's decay (official ECT has none)
@@ -32,7 +32,7 @@ WEIGHTINGS = ("default", "sqrt", "uniform", "snr", "karras")
 
 
 # ----------------------------------------------------------------------------------------------
-# t / r schedule (METHOD.md section 2, steps 1-2)
+# t / r schedule (docs/method.md section 2, steps 1-2)
 
 @dataclasses.dataclass(frozen=True)
 class TRSchedule:
@@ -126,7 +126,7 @@ def ect_weight(t: torch.Tensor, r: torch.Tensor, weighting: str = "default",
 
 
 # ----------------------------------------------------------------------------------------------
-# The consistency step (METHOD.md section 2, steps 3-5)
+# The consistency step (docs/method.md section 2, steps 3-5)
 
 @dataclasses.dataclass
 class ConsistencyOutputs:
@@ -197,7 +197,7 @@ def edm_loss(net: Callable, x_0: torch.Tensor, cfg: EDMLossConfig = EDMLossConfi
 
 
 # ----------------------------------------------------------------------------------------------
-# Samplers (METHOD.md section 5). Stateless, batched; `noise` is an explicit [N, C, H, W] N(0, I) draw.
+# Samplers (docs/method.md section 5.1). Stateless, batched; `noise` is an explicit [N, C, H, W] N(0, I) draw.
 
 def _sigma(x: torch.Tensor, s: float) -> torch.Tensor:
     return torch.full((x.shape[0],), float(s), device=x.device, dtype=x.dtype)
@@ -214,7 +214,7 @@ def consistency_sample(net: Callable, noise: torch.Tensor, sigmas: Sequence[floa
     denoisings of dFID: x = x_0 + sigma eps). For each sigma s_i: one Euler step of the PF-ODE from s_i
     to sigma_min with the network's denoiser, `x <- x + (x - f(x, s_i)) / s_i * (sigma_min - s_i)`;
     then, if another sigma follows, re-noise to it: `x <- x + sqrt(s_{i+1}^2 - sigma_min^2) n`.
-    sigmas=(80,) is 1-step sampling, (80, 0.821) the 2-step sampler of METHOD.md section 5.
+    sigmas=(80,) is 1-step sampling, (80, 0.821) the 2-step sampler of docs/method.md section 5.1.
     """
     sigmas = [float(s) for s in sigmas]
     if any(s <= sigma_min for s in sigmas):

@@ -1,5 +1,6 @@
 """Continuous-time consistency models: distillation from a diffusion teacher (CCD) and training
-without one (CT), each in pixel space or in a feature network's space (the AYT form).
+without one (CT), each in pixel space or in a feature network's space (the AYT form); docs/method.md
+section 4.3.
 
 Notation (as in ayt.consistency): x_0 data [N, C, H, W], eps ~ N(0, I), t ~ lognormal(P_mean, P_std)
 [N], x_t = x_0 + t eps, f(x, t) the student (EDMPrecond), phi the frozen feature network.

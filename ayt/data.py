@@ -10,14 +10,14 @@ Item convention shared by every dataset in this module::
 and every dataset exposes ``.resolution``, ``.num_channels``, ``.label_dim`` and ``len()``.
 Pixels are mapped as in EDM: ``x = uint8 / 127.5 - 1``.
 
-* CIFAR-10 is the paper's benchmark (METHOD.md section 6): 32x32x3, train split, unconditional.
+* CIFAR-10 is the paper's benchmark (docs/method.md section 6.1): 32x32x3, train split, unconditional.
   Files are the official python-pickle layout ``<root>/cifar-10-batches-py/``; they are read by our
   own small reader (no md5 checks, so tiny test files work) and downloaded with torchvision's
   download code when ``download=True``.
 * The shapes data (one antialiased disk/square/triangle per image) is an explicit, differentiable
   function of a small parameter vector (``render_shapes``): the data manifold is known, which the
   small-scale metrics use (best-fit parameters, tangent spaces by autograd / finite differences).
-* The disk data is the paper's synthetic tangent study (METHOD.md section 6, last paragraph): a flat
+* The disk data is the paper's synthetic tangent study (docs/method.md section 6.2): a flat
   2-D disk embedded in R^D by a random orthonormal 2-frame, with exact tangent/normal projections
   and distance to the manifold.
 * The photos data are random crops of the real photographs that ship inside scikit-image (no
@@ -302,7 +302,7 @@ def load_cifar10_arrays(root: str, split: str = "train", download: bool = False)
 
 
 class CIFAR10Dataset(InMemoryImageDataset):
-    """CIFAR-10 (Krizhevsky 2009), 32x32x3, 10 classes; the paper's benchmark (METHOD.md section 6).
+    """CIFAR-10 (Krizhevsky 2009), 32x32x3, 10 classes; the paper's benchmark (docs/method.md section 6.1).
 
     Args:
         root: directory that holds (or will hold) ``cifar-10-batches-py``; default ``default_data_root()``.

@@ -1,5 +1,6 @@
 """Live tangent diagnostic: while a run trains, how much of its update direction lies along the data
-manifold (the paper's tangent argument, measured every `diagnostic.every` iterations).
+manifold (the paper's tangent argument, docs/method.md section 6.2, measured every `diagnostic.every`
+iterations).
 
 For a fixed probe batch (x_0 [n, C, H, W] from the training set, its noise and noise levels drawn
 once from a fixed seed), the run's own objective is evaluated at the current weights and the

@@ -42,8 +42,8 @@ PHOTO_EVALUATOR_IMAGES = 20000  # photos: training crops for the classifier (a s
 @dataclasses.dataclass
 class EvalConfig:
     metric: str = "auto"             # auto | fid | fd_eval | swd (auto: FID with Inception weights, else FD_eval on labelled data, else SWD)
-    n: int = 50000                   # samples per sampling run (the paper: 50k)
-    runs: int = 3                    # sampling runs per checkpoint (the paper: 3)
+    n: int = 50000                   # samples per sampling run (docs/method.md section 5.2: 50k)
+    runs: int = 3                    # sampling runs per checkpoint (docs/method.md section 5.2: 3)
     steps: tuple = (1, 2)            # consistency sampling steps to evaluate
     dfid_sigmas: tuple = (0.2, 0.4, 0.8)  # one-step denoising FID at these sigmas; () disables
     batch: int = 500

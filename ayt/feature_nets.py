@@ -1,4 +1,5 @@
-"""More manifold feature networks: DenseNet, ViT and a denoising autoencoder (registered in ayt.features).
+"""More manifold feature networks: DenseNet, ViT and a denoising autoencoder (registered in ayt.features;
+docs/method.md section 3.5).
 
 Each has the interface of ayt.features (`features(x) -> list[Tensor]`, every entry [N, C, H, W]) and the
 parameter names of the authors' classes in 1202kbs/AYT (`src/ayt/classifiers.py`: `DenseNet`,

@@ -1,4 +1,4 @@
-"""Manifold feature networks phi (METHOD.md section 3).
+"""Manifold feature networks phi (docs/method.md section 3.1).
 
 Every network exposes one interface:
 
@@ -105,7 +105,7 @@ class VGGBlock(nn.Module):
 
 
 class VGG(nn.Module):
-    """CIFAR-style VGG feature network (METHOD.md section 3; the authors' `VGG` / `VGGMod`).
+    """CIFAR-style VGG feature network (docs/method.md section 3.1; the authors' `VGG` / `VGGMod`).
 
     Args:
         depth: 11, 13, 16 or 19 (VGG_CONFIGS); ignored when `cfg` is given.
@@ -360,7 +360,7 @@ def freeze(net: nn.Module) -> nn.Module:
     """Eval mode (BatchNorm uses running statistics) and no parameter gradients; returns net.
 
     Gradients with respect to the inputs still flow (the AYT update differentiates the MFD
-    with respect to the student output, METHOD.md section 4).
+    with respect to the student output, docs/method.md section 4).
     """
     net.eval()
     for param in net.parameters():

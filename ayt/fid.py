@@ -1,4 +1,4 @@
-"""Frechet Inception Distance (FID), METHOD.md section 5.
+"""Frechet Inception Distance (FID), docs/method.md section 5.2.
 
 The FID of the paper is pytorch-fid's (mseitzer/pytorch-fid): Inception-v3 pool3 features
 (2048-d) of the TensorFlow "inception-2015-12-05" graph ported to PyTorch

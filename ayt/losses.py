@@ -1,6 +1,6 @@
 """Distances and the Align-Your-Tangent update.
 
-METHOD.md sections 2 (pseudo-Huber), 3 (manifold feature distance, MFD) and 4 (the AYT update).
+docs/method.md sections 2, 3.2 and 4: pseudo-Huber, the manifold feature distance (MFD) and the AYT update.
 Every distance returns a per-sample tensor [N]; reductions happen in the training loop.
 
 Legend: D = D_t the student output [N, C, H, W] (with graph), D_r the teacher output (detached),
@@ -25,7 +25,7 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float = 0.0) -> torch.Tens
 
 def mfd_from_features(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor],
                       eps: float = 1e-5, weights: Optional[Sequence[float]] = None) -> torch.Tensor:
-    """Manifold feature distance from precomputed features (METHOD.md section 3).
+    """Manifold feature distance from precomputed features (docs/method.md section 3.2).
 
     MFD(a, b) = sum_l w_l sum_c [ sqrt( sum_{h,w} (phi_lc(a) - phi_lc(b))^2 + eps^2 ) - eps ],
     a per-channel pseudo-Huber over spatial positions. feats_*[l]: [N, C_l, H_l, W_l]. Returns [N].
@@ -51,7 +51,7 @@ def mfd(phi, a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5,
 
 
 def normalize_per_sample(g: torch.Tensor, min_norm: float = 1e-5) -> torch.Tensor:
-    """g_b / max(||g_b||_2, min_norm), norm over all non-batch entries (METHOD.md section 4, step 2)."""
+    """g_b / max(||g_b||_2, min_norm), norm over all non-batch entries (docs/method.md section 4.1, step 2)."""
     norm = g.flatten(1).norm(dim=1).clamp(min=min_norm)
     return g / norm.view(-1, *([1] * (g.ndim - 1)))
 
@@ -75,7 +75,7 @@ def distance_direction(distance: Callable[[torch.Tensor, torch.Tensor], torch.Te
 
 
 def direction_surrogate(D: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Surrogate L = mean_b w_b * 0.5 * ||D_b - stopgrad(D_b - g_b)||^2 (METHOD.md section 4, step 3).
+    """Surrogate L = mean_b w_b * 0.5 * ||D_b - stopgrad(D_b - g_b)||^2 (docs/method.md section 4.1, step 3).
 
     Its gradient with respect to D_b is exactly (w_b / B) g_b: the step size of ECT's (c = 0)
     gradient, the direction of the distance's gradient. Returns per-sample values [N] whose mean is L.
@@ -125,7 +125,7 @@ class MFD(torch.nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.phi.eval()  # phi is always used in eval mode (METHOD.md section 3)
+        self.phi.eval()  # phi is always used in eval mode (docs/method.md section 3.1)
         return self
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Small-scale sample-quality metrics for runs where Inception weights are unavailable.
 
 These are measurement instruments for the built-in data and other small experiments, not quantities
-from the paper; FID (the paper's metric) lives in `ayt.fid`.
+from the paper; FID (docs/method.md section 5.2) lives in `ayt.fid`.
 
   ShapesEvaluator / train_evaluator   a small CNN regressing the shapes' generating parameters;
                                       its penultimate layer is the feature space of FD_eval

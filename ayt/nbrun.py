@@ -3,7 +3,7 @@
     python -m ayt notebook notebooks/02_consistency_training.ipynb -p loss ect -p iters 500
     python -m ayt notebook NOTEBOOK [-p NAME VALUE ...] [--name NAME] [--out-dir runs/notebooks] [--cwd DIR]
 
-The runner (docs/architecture.md, "Notebook conventions") executes a copy of the notebook with the
+The runner (docs/architecture.md section 7) executes a copy of the notebook with the
 kernel named `python3`, writes it to <out-dir>/<stem>-<name or timestamp>.ipynb (never over the
 source), accepts only the names of the notebook's `parameters` cell (anything else is an error that
 lists them) and converts each value to the type declared there (`steps: int = 200  # comment`).

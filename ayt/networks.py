@@ -1,6 +1,6 @@
 """EDM's denoiser networks and preconditioning, plus a safe importer for EDM's released checkpoints.
 
-The consistency model of METHOD.md section 1 is EDM's preconditioned denoiser
+The consistency model of docs/method.md section 1 is EDM's preconditioned denoiser
 
     f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t)),
     c_skip = sd^2 / (t^2 + sd^2),  c_out = t sd / sqrt(t^2 + sd^2),
@@ -19,7 +19,7 @@ order), and forward arithmetic, so that EDM's released checkpoints (`edm-cifar10
   * class labels may also be given as integer class indices [N] (one-hot encoded here).
 
 Dropout is `torch.nn.functional.dropout` (global RNG), so two forwards under the same forked RNG state
-(`torch.random.fork_rng`) draw the same mask (the shared teacher/student mask of METHOD.md section 2).
+(`torch.random.fork_rng`) draw the same mask (the shared teacher/student mask of docs/method.md section 2, step 4).
 
 Legend of tensor shapes: N batch, C channels, H = W = img_resolution, L label_dim, E embedding width.
 """
@@ -554,7 +554,7 @@ MODEL_TYPES: dict[str, type] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUN
 
 
 # ----------------------------------------------------------------------------------------------
-# EDM preconditioning (METHOD.md section 1)
+# EDM preconditioning (docs/method.md section 1)
 
 def edm_precond_coefficients(sigma: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """EDM's (c_skip, c_out, c_in, c_noise) for noise levels sigma (any shape; results have sigma's shape).
@@ -569,7 +569,7 @@ def edm_precond_coefficients(sigma: Tensor, sigma_data: float = 0.5) -> tuple[Te
 
 
 class EDMPrecond(nn.Module):
-    """The preconditioned denoiser D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) of EDM (METHOD.md section 1).
+    """The preconditioned denoiser D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) of EDM (docs/method.md section 1).
 
     The raw network F is `self.model` (a `SongUNet` or `DhariwalUNet` built from model_type and
     model_kwargs), so state-dict keys are EDM's: 'model.map_layer0.weight', 'model.enc.32x32_conv.weight', ...
@@ -651,7 +651,7 @@ class EDMPrecond(nn.Module):
 NETWORK_CONFIGS: dict[str, dict[str, Any]] = {
     # EDM/ECT CIFAR-10 DDPM++ (EDM train.py --arch=ddpmpp; ECT run_ecm.sh --dropout=0.2 --augment=0.0).
     # 55.7M parameters (55,732,739 without map_augment; EDM's CIFAR-10 training adds a 1,152-parameter
-    # map_augment, augment_dim=9, which we drop: METHOD.md section 1).
+    # map_augment, augment_dim=9, which we drop: docs/method.md section 8.1).
     "ddpmpp-cifar10": dict(model_type="SongUNet", model_channels=128, channel_mult=[2, 2, 2], channel_mult_emb=4,
                            num_blocks=4, attn_resolutions=[16], dropout=0.2, embedding_type="positional",
                            channel_mult_noise=1, encoder_type="standard", decoder_type="standard",
@@ -993,7 +993,7 @@ def load_into(net: nn.Module, ckpt: EDMCheckpoint, strict: bool = True,
     """Copy ckpt's weights into `net` (our EDMPrecond); returns what was dropped/missing/unexpected.
 
     `model.map_augment.*` entries are dropped (and listed in the report) when `net` has no map_augment
-    (augment_dim=0; METHOD.md section 1). Shape mismatches always raise; with strict=True missing or
+    (augment_dim=0; docs/method.md section 8.1). Shape mismatches always raise; with strict=True missing or
     unexpected keys raise too, listing them. require_class: refuse checkpoints whose recorded class differs
     (e.g. EDM's VPPrecond, whose preconditioning differs); None disables the check.
     """

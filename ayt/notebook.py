@@ -1,5 +1,5 @@
 """The glue the notebooks call: each function a thin wrapper over the package, so that no logic lives
-only in a notebook (docs/architecture.md, "Notebook conventions").
+only in a notebook (docs/architecture.md section 7).
 
   goto_repo_root, split_overrides       paths and override strings as on the command line
   run_stage, launch_torchrun            train (or reuse, or resume) the run of one preset, in-process or torchrun

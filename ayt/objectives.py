@@ -3,12 +3,12 @@
     objective(net, x_0, labels, it, generator, teacher) -> (per-sample loss [N], stats: dict[str, Tensor])
 
 * `DiffusionObjective`  - EDM denoising loss (diffusion pretraining; Karras et al. 2022).
-* `ConsistencyObjective` - ECT (METHOD.md section 2) and the AYT update (section 4), by `mode`:
+* `ConsistencyObjective` - ECT (docs/method.md section 2) and the AYT update (section 4), by `mode`:
       ect        w * d(D_t, D_r)                       (pseudo-Huber d, c = c_mult sqrt(dim))
       mfd        direction surrogate with g = unit grad of MFD           (AYT reference default)
       ect+mfd    ect + lam * min(1, (it+1)/ramp) * surrogate(MFD)
       lpips, ect+lpips   the same with LPIPS(VGG) as the distance (baseline)
-* `FeatureObjective`   - regression of augmentation labels (METHOD.md section 3): MSE per sample.
+* `FeatureObjective`   - regression of augmentation labels (docs/method.md section 3.4): MSE per sample.
 * `DenoisingObjective` - a denoising autoencoder as feature network (the authors' train_dae.py).
 
 `net` may be a DDP wrapper (it runs the gradient-carrying forward); `teacher` is the bare module.
@@ -64,7 +64,7 @@ class ConsistencyObjective:
 
 
 class FeatureObjective:
-    """Regress the labels of random augmentations (METHOD.md section 3); p ramps linearly from 0."""
+    """Regress the labels of random augmentations (docs/method.md section 3.4); p ramps linearly from 0."""
 
     def __init__(self, pipe, p: float, p_ramp_iters: int):
         self.pipe, self.p, self.p_ramp_iters = pipe, p, p_ramp_iters

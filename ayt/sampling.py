@@ -1,6 +1,6 @@
 """Drawing samples from a trained run: stage-aware, batched, deterministic in (seed, batch index).
 
-Consistency models use the 1- or 2-step sampler (METHOD.md section 5); diffusion models the 18-step
+Consistency models use the 1- or 2-step sampler (docs/method.md section 5.1); diffusion models the 18-step
 EDM Heun sampler. Batch i of a sample set is drawn from its own generator seeded by (seed, i), so the
 same set comes out whatever the batch split across processes.
 """

@@ -1,4 +1,4 @@
-"""ECT schedule, consistency step, EDM loss and samplers (METHOD.md sections 2 and 5)."""
+"""ECT schedule, consistency step, EDM loss and samplers (docs/method.md sections 2 and 5)."""
 import math
 
 import pytest
@@ -99,7 +99,7 @@ def test_teacher_is_x0_where_r_is_zero_and_loss():
 
 
 def test_ect_gradient_is_weighted_unit_vector():
-    """With c = 0, d mean_b(w_b ||D_b - D_r_b||) / dD_b = (w_b / B) * unit vector (METHOD.md section 4)."""
+    """With c = 0, d mean_b(w_b ||D_b - D_r_b||) / dD_b = (w_b / B) * unit vector (docs/method.md section 4.1)."""
     g = torch.Generator().manual_seed(2)
     D = torch.randn(4, 3, 4, 4, generator=g, requires_grad=True)
     D_r = torch.randn(4, 3, 4, 4, generator=g)

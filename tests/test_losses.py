@@ -1,4 +1,4 @@
-"""MFD and the AYT update (METHOD.md sections 3 and 4)."""
+"""MFD and the AYT update (docs/method.md sections 3 and 4)."""
 import pytest
 import torch
 

@@ -50,7 +50,7 @@ def batch(n: int = 3, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Preconditioning (METHOD.md section 1)
+# Preconditioning (docs/method.md section 1)
 
 def test_precond_coefficients_at_known_sigmas():
     c_skip, c_out, c_in, c_noise = edm_precond_coefficients(torch.tensor(0.5, dtype=torch.float64), 0.5)
