@@ -172,6 +172,15 @@ def attention_weights(q: Tensor, k: Tensor) -> Tensor:
     return w.to(q.dtype)
 
 
+def _add_(x: Tensor, y: Tensor) -> Tensor:
+    """x + y, written into x when that is the same arithmetic: x must be a fresh intermediate that
+    autograd did not save (a convolution's output), of the result's dtype and shape. Under autocast a
+    bf16 x plus a float32 y promotes to float32, so it falls back to the out-of-place sum."""
+    if torch.result_type(x, y) == x.dtype and torch.broadcast_shapes(x.shape, y.shape) == x.shape:
+        return x.add_(y)
+    return x + y
+
+
 class UNetBlock(nn.Module):
     """EDM's unified U-Net residual block (DDPM++, NCSN++ and ADM) with optional up/down and self-attention.
 
@@ -223,17 +232,18 @@ class UNetBlock(nn.Module):
             scale, shift = params.chunk(chunks=2, dim=1)
             x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
-            x = F.silu(self.norm1(x + params))
+            x = F.silu(self.norm1(_add_(x, params)))
 
+        # residual sums in place into the convolution outputs (same arithmetic, no extra buffers)
         x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
-        x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
+        x = _add_(x, self.skip(orig) if self.skip is not None else orig).mul_(self.skip_scale)
 
         if self.num_heads:
             n, c = x.shape[0], x.shape[1]
             q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, -1).unbind(2)
             w = attention_weights(q, k)                  # [N*heads, HW, HW]
             a = torch.einsum("nqk,nck->ncq", w, v)      # [N*heads, c/heads, HW]
-            x = (self.proj(a.reshape(*x.shape)) + x) * self.skip_scale
+            x = _add_(self.proj(a.reshape(*x.shape)), x).mul_(self.skip_scale)
         return x
 
 

@@ -312,9 +312,9 @@ def step_networks(cfg: TrainConfig, model: torch.nn.Module, ddp_model: torch.nn.
     the eager step's."""
     if not cfg.compile:
         return ddp_model, model
-    opts = {"fallback_random": True}
-    student = torch.compile(ddp_model, options=opts)
-    return student, (student if ddp_model is model else torch.compile(model, options=opts))
+    kw = {"dynamic": False, "options": {"fallback_random": True}}  # static shapes: the batch never changes
+    student = torch.compile(ddp_model, **kw)
+    return student, (student if ddp_model is model else torch.compile(model, **kw))
 
 
 class NonFiniteWatch:

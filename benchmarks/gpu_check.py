@@ -242,7 +242,7 @@ def section_steps(args, device, budget) -> dict:
 def section_compile(args, device, budget) -> dict:
     sz = sizes(args)
     variants = [("compiled+tf32", True, {"compile": True}, False),
-                ("compiled+bf16", True, {"compile": True, "precision": "bf16"}, False)]
+                ("compiled+bf16", True, {"compile": True, "precision": "bf16"}, False)][:1 if args.cpu_smoke else 2]
     return {"variants": _step_variants(args, device, variants, budget, sz)}
 
 
