@@ -174,9 +174,9 @@ def attention_weights(q: Tensor, k: Tensor) -> Tensor:
 
 def _add_(x: Tensor, y: Tensor) -> Tensor:
     """x + y, written into x when that is the same arithmetic: x must be a fresh intermediate that
-    autograd did not save (a convolution's output), of the result's dtype and shape. Under autocast a
-    bf16 x plus a float32 y promotes to float32, so it falls back to the out-of-place sum."""
-    if torch.result_type(x, y) == x.dtype and torch.broadcast_shapes(x.shape, y.shape) == x.shape:
+    autograd did not save (a convolution's output), with y of the same dtype and broadcastable to x's
+    shape. Under autocast a bf16 x plus a float32 y promotes to float32: the out-of-place sum then."""
+    if x.dtype == y.dtype and torch.broadcast_shapes(x.shape, y.shape) == x.shape:
         return x.add_(y)
     return x + y
 
