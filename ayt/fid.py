@@ -431,7 +431,7 @@ def frechet_distance(
       is not finite, retried with eps * I added to both covariances; an imaginary part is dropped
       only if the diagonal's is below 1e-3, else ValueError.
     The two agree to ~1e-8 relative or better on well-conditioned statistics (tests/test_fid.py;
-    ~1e-15 on random 2048-d ones in benchmarks/fid_throughput.py --sqrtm). Raises ValueError
+    and on random 2048-d ones). Raises ValueError
     on non-finite, mismatched, asymmetric or indefinite input, and on a non-finite result.
     """
     mu1, sigma1 = _check_stats(mu1, sigma1, "stats 1")
