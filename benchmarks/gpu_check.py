@@ -180,8 +180,8 @@ def _step_variants(bench_args, device, variants, budget: Budget, sz) -> dict:
                 res[mode] = bench.time(mode, sz["warmup"], sz["iters"], check)
             res["mfd_overhead"] = round(res["AYT"]["ms_per_step"] / res["ECT"]["ms_per_step"], 3)
             out[name] = res
-        except torch.cuda.OutOfMemoryError as e:  # noqa: PERF203
-            out[name] = {"error": f"out of memory at batch {sz['batch']}: {str(e)[:200]}"}
+        except Exception as e:  # noqa: BLE001 - one variant's failure (e.g. out of memory) must not stop the others
+            out[name] = {"error": f"{type(e).__name__} at batch {sz['batch']}: {str(e)[:300]}"}
         finally:
             bench = None
             reset_peak(device)

@@ -117,3 +117,34 @@ def test_training_two_steps_and_resume_on_cuda(tmp_path):
     for k in a["model"]:
         # same kernels in one process: equal up to the nondeterminism of cuDNN's backward kernels
         close(b["model"][k], a["model"][k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["ect", "mfd"])
+def test_training_step_makes_no_host_sync(mode):
+    """ayt.train.train_step without the NaN check (nan_check_every > 1) never waits for the GPU:
+    CUDA's sync debug mode turns any synchronising call into an error."""
+    from ayt.config import make_config
+    from ayt.objectives import ConsistencyObjective
+    from ayt.train import Dist, NonFiniteWatch, make_optimizer, step_networks, train_step
+    cfg = make_config(None, {"net.arch": "tiny", "data.resolution": 16, "batch": 4, "device": "cuda",
+                             "nan_check_every": 1000, "ct.mode": "ect"})
+    model = tiny_net(dropout=0.1).train().to(CUDA)
+    ema = tiny_net().eval().requires_grad_(False).to(CUDA)
+    opt = make_optimizer(cfg, model.parameters())
+    distance = None
+    if mode == "mfd":
+        torch.manual_seed(0)
+        distance = MFD(freeze(build_feature_net("mini-vgg", resolution=16, in_channels=3, num_outputs=15)).to(CUDA))
+    obj = ConsistencyObjective(C.TRSchedule(), mode, distance=distance)
+    x_0 = torch.rand(4, 3, 16, 16, device=CUDA) * 2 - 1
+    d, watch = Dist(device=CUDA), NonFiniteWatch(CUDA)
+    nets = step_networks(cfg, model, model)
+    train_step(cfg, d, 0, nets, model, ema, obj, opt, lambda: (x_0, None), 1, watch, check=True)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for it in (1, 2):
+            train_step(cfg, d, it, nets, model, ema, obj, opt, lambda: (x_0, None), 1, watch, check=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    watch.check(d, 2, {}, updated=True, last_ckpt=lambda: None)  # the deferred check: all finite
