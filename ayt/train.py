@@ -16,7 +16,6 @@ import dataclasses
 import datetime
 import functools
 import json
-import math
 import os
 import sys
 import time

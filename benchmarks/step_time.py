@@ -60,6 +60,27 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def time_step(model, objective, x_0, opt, device, precision: str, warmup: int, iters: int) -> list[float]:
+    """Seconds per plain optimiser step of `objective` (one arm on its own, warm-up excluded); used by
+    benchmarks/continuous_step_time.py for the modes the interleaved arms above do not cover."""
+    device = torch.device(device)
+    times = []
+    gen = torch.Generator(device).manual_seed(0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    for i in range(warmup + iters):
+        sync(device)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss, _ = objective(model, x_0, None, 10 ** 6, gen, teacher=model)
+        loss.float().mean().backward()
+        opt.step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 class Arm:
     def __init__(self, name, preset, overrides, device, batch, mode):
         from ayt.train import Dist, NonFiniteWatch, step_networks
