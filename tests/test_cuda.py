@@ -106,7 +106,7 @@ def test_training_two_steps_and_resume_on_cuda(tmp_path):
     from ayt.train import train
     base = {"stage": "diffusion", "data.name": "shapes", "data.resolution": 16, "data.num_images": 64,
             "net.arch": "tiny", "batch": 4, "iters": 2, "log_every": 1, "ckpt_every": 1, "sample_every": 0,
-            "device": "cuda", "run_root": str(tmp_path)}
+            "device": "cuda", "run_root": str(tmp_path), "log.tensorboard": False}
     straight = train(make_config(None, {**base, "name": "straight"}))
     resumed = make_config(None, {**base, "name": "resumed"})
     train(resumed, stop_after=1)
