@@ -322,7 +322,7 @@ class NonFiniteWatch:
     `check` (one sync, and one all-reduce under DDP so every rank stops together) raises
     NonFiniteLossError; the training loop calls it before every optimiser update when
     nan_check_every=1, otherwise every nan_check_every iterations and before every log, checkpoint,
-    sample grid or evaluation, so a checkpoint never holds weights updated from a non-finite loss.
+    snapshot, sample grid or evaluation, so a checkpoint never holds weights updated from a non-finite loss.
     """
 
     def __init__(self, device: torch.device):
@@ -418,7 +418,7 @@ class NonFiniteLossError(FloatingPointError):
 # renamed run directory resumes too). The layout (processes, batch_per_device) is checked separately,
 # against the checkpoint (`check_resume_layout`).
 RESUME_MAY_CHANGE = ("iters", "keep_last", "snapshot_every", "ckpt_every", "log_every", "sample_every",
-                     "eval_every", "eval_samples", "log", "name", "run_root", "batch_per_device")
+                     "eval_every", "eval_samples", "log", "name", "run_root", "batch_per_device", "nan_check_every")
 
 
 def run_directory(cfg: TrainConfig) -> Path:
@@ -641,10 +641,11 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, eval_fn: Optional[Callable],
     for it in range(start_it, end_it):
         done = it + 1
         # the non-finite check (a host sync) before this update when due, and always before anything is
-        # logged or written (checkpoint, samples, evaluation)
+        # logged or written (checkpoint, snapshot, samples, evaluation)
         check = (done % cfg.nan_check_every == 0 or done % cfg.log_every == 0 or done % cfg.ckpt_every == 0
                  or done in (cfg.iters, end_it, start_it + 1) or bool(cfg.sample_every and done % cfg.sample_every == 0)
-                 or bool(eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0))
+                 or bool(eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0)
+                 or bool(cfg.snapshot_every and done % cfg.snapshot_every == 0))
         stats = train_step(cfg, d, it, nets, model, ema, objective, opt, next_batch, accum, watch, check,
                            last_ckpt=lambda: ck.latest_checkpoint(run_dir), aux=aux)
 
