@@ -54,7 +54,7 @@ import torch  # noqa: E402
 SECTIONS = ("env", "tests", "steps", "parity", "sampling", "fid", "ddp", "compile")
 SUBPROCESS_SECTIONS = ("compile",)  # run in a child process so a hung compile can be killed
 BUDGETS = {"env": 10, "tests": 90, "steps": 100, "parity": 45, "sampling": 25, "fid": 60, "ddp": 75, "compile": 180}
-TOTAL_BUDGET = 420  # seconds for the whole script (a fresh machine: < 8 minutes with start-up)
+TOTAL_BUDGET = 380  # seconds for the whole script (a fresh machine: < 8 minutes with its start-up)
 
 
 class Budget:
@@ -480,6 +480,23 @@ def main(argv=None) -> dict:
               "device": str(device), "device_name": section_env(args, device, total).get("device_name"),
               "command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "sections": {}}
+    fname = f"gpu_check-{device_slug(report['device_name'] or str(device))}" + ("-cpu-smoke" if args.cpu_smoke else "") + ".json"
+
+    def write(final: bool) -> None:
+        """The JSON after every section (a run killed from outside keeps what it measured)."""
+        if args.child_out:
+            Path(args.child_out).write_text(json.dumps(report))
+            return
+        report["complete"] = final
+        text = json.dumps(report, indent=2) + "\n"
+        for d in [args.results_dir] + ([args.out] if args.out else []):
+            Path(d).mkdir(parents=True, exist_ok=True)
+            tmp = Path(d) / (fname + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, Path(d) / fname)
+            if final:
+                print(f"-> {Path(d) / fname}")
+
     for name in names:
         seconds = budgets[name] if args.section else min(budgets[name], max(total.left(), 0))
         if seconds <= 0:
@@ -490,19 +507,13 @@ def main(argv=None) -> dict:
         rec = report["sections"][name]
         print(f"[gpu_check] {name}: {rec['status']} in {rec['seconds']} s" + (f" | {rec['error'][:300]}" if rec.get("error") else ""),
               flush=True)
+        report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+        write(final=False)
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_before
-
-    if args.child_out:
-        Path(args.child_out).write_text(json.dumps(report))
-        return report
-    fname = f"gpu_check-{device_slug(report['device_name'] or str(device))}" + ("-cpu-smoke" if args.cpu_smoke else "") + ".json"
-    text = json.dumps(report, indent=2) + "\n"
-    for d in [args.results_dir] + ([args.out] if args.out else []):
-        Path(d).mkdir(parents=True, exist_ok=True)
-        (Path(d) / fname).write_text(text)
-        print(f"-> {Path(d) / fname}")
-    print("\n".join(summary_lines(report)), flush=True)
+    write(final=True)
+    if not args.child_out:
+        print("\n".join(summary_lines(report)), flush=True)
     return report
 
 
