@@ -125,6 +125,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_iters: int = 0            # linear learning-rate warm-up
     grad_clip: Optional[float] = None
+    foreach: Optional[bool] = None   # multi-tensor optimiser step; None: torch's default (GPU yes, CPU no)
 
 
 @dataclass
@@ -149,6 +150,9 @@ class TrainConfig:
     ema_decay: float = 0.9999        # EMA decay per step; 0 disables averaging (EMA == model)
     precision: str = "fp32"          # fp32 | bf16 (autocast, GPU)
     device: Optional[str] = None     # default: cuda when available, else cpu
+    compile: bool = False            # torch.compile the network (dropout drawn as in eager: same masks)
+    channels_last: bool = False      # channels_last memory format for the network and its inputs
+    nan_check_every: int = 1         # check the loss for NaN/inf every N iterations (1: before every update)
     log_every: int = 100
     ckpt_every: int = 5000
     sample_every: int = 10000        # sample grid every N iterations (0: never)
@@ -440,6 +444,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.snapshot_every >= 0, f"snapshot_every={cfg.snapshot_every} must be >= 0 (0: no snapshots)")
     need(cfg.ct.const_floor is None or 0 < cfg.ct.const_floor < 1,
          f"ct.const_floor={cfg.ct.const_floor} must be in (0, 1), or none for official ECT's unfloored form")
+    need(cfg.nan_check_every >= 1, f"nan_check_every={cfg.nan_check_every} must be >= 1 (1: check before every update)")
     if cfg.stage == "consistency" and cfg.ct.mode in FEATURE_NET_MODES:
         need(cfg.ct.feature_net is not None,
              f"ct.mode={cfg.ct.mode} needs a trained feature network: set ct.feature_net=<run dir or checkpoint>")

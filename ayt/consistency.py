@@ -158,12 +158,9 @@ def consistency_forward(net: Callable, x_0: torch.Tensor, t: torch.Tensor, r: to
     x_r = x_0 + r4 * eps
     with torch.random.fork_rng(devices=_rng_devices(x_0)):
         D_t = net(x_t, t, class_labels)
-    with torch.no_grad():
-        if bool((r > 0).any()):
-            D_r = teacher(x_r, r.clamp(min=SIGMA_MIN * 1e-3), class_labels)  # clamp: ln(0) never enters c_noise
-            D_r = torch.where(r4 > 0, torch.nan_to_num(D_r), x_0)
-        else:
-            D_r = x_0.clone()
+    with torch.no_grad():  # branch-free (no host sync): the teacher always runs, x_0 replaces it where r <= 0
+        D_r = teacher(x_r, r.clamp(min=SIGMA_MIN * 1e-3), class_labels)  # clamp: ln(0) never enters c_noise
+        D_r = torch.where(r4 > 0, torch.nan_to_num(D_r), x_0)
     return ConsistencyOutputs(D_t=D_t, D_r=D_r.detach(), t=t, r=r, w=ect_weight(t, r, weighting))
 
 

@@ -264,15 +264,17 @@ def load_inception(
 # Quantisation.
 
 
-def quantize(x: torch.Tensor) -> torch.Tensor:
+def quantize(x: torch.Tensor, check: bool = True) -> torch.Tensor:
     """[-1, 1] float images -> uint8, exactly as EDM/AYT write PNGs: `(x*127.5+128).clip(0,255)`.
 
     The cast truncates toward zero, i.e. rounds to nearest for in-range values. Same shape and
-    device as `x`. Raises ValueError on NaN/inf (a diverged sampler must not get a finite FID).
+    device as `x`. Raises ValueError on NaN/inf (a diverged sampler must not get a finite FID);
+    check=False leaves that check to the caller (it costs a host sync: `fid_from_generator` counts
+    non-finite images on the device and checks once at the end).
     """
     if not x.is_floating_point():
         raise ValueError(f"quantize expects floating-point images in [-1, 1], got {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
+    if check and not bool(torch.isfinite(x).all()):
         raise ValueError("quantize: images contain NaN or inf")
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
@@ -315,14 +317,18 @@ class FeatureStats:
         self.n = 0
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.float64, device=device)  # deferred check (update(check=False))
 
-    def update(self, feats: torch.Tensor) -> None:
-        """Add a batch of features [N, D]."""
+    def update(self, feats: torch.Tensor, check: bool = True) -> None:
+        """Add a batch of features [N, D]. check=False counts non-finite values on the device instead
+        of asking the host (no sync per batch); `mean`/`cov` then raise if there were any."""
         if feats.ndim != 2 or feats.shape[1] != self.dim:
             raise ValueError(f"expected features [N, {self.dim}], got {tuple(feats.shape)}")
         f = feats.detach().to(device=self.sum.device, dtype=torch.float64)
-        if not bool(torch.isfinite(f).all()):
+        if check and not bool(torch.isfinite(f).all()):
             raise ValueError("FeatureStats.update: features contain NaN or inf")
+        if not check:
+            self.nonfinite += (~torch.isfinite(f)).sum()
         self.n += f.shape[0]
         self.sum += f.sum(0)
         self.sum_outer += f.T @ f
@@ -334,6 +340,7 @@ class FeatureStats:
         self.n += other.n
         self.sum += other.sum.to(self.sum.device)
         self.sum_outer += other.sum_outer.to(self.sum.device)
+        self.nonfinite += other.nonfinite.to(self.sum.device)
         return self
 
     def all_reduce(self) -> FeatureStats:
@@ -343,21 +350,27 @@ class FeatureStats:
         """
         if _dist_ready():
             n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.sum.device)
-            for t in (n, self.sum, self.sum_outer):
+            for t in (n, self.sum, self.sum_outer, self.nonfinite):
                 torch.distributed.all_reduce(t)
             self.n = int(round(n.item()))
         return self
+
+    def _check_finite(self) -> None:
+        if float(self.nonfinite) > 0:
+            raise ValueError(f"FeatureStats: {int(self.nonfinite)} non-finite feature values were added")
 
     def mean(self) -> np.ndarray:
         """Feature mean [D], float64."""
         if self.n < 1:
             raise ValueError("FeatureStats.mean: no samples")
+        self._check_finite()
         return (self.sum / self.n).cpu().numpy()
 
     def cov(self) -> np.ndarray:
         """Unbiased covariance [D, D], float64 (np.cov(F, rowvar=False))."""
         if self.n < 2:
             raise ValueError(f"FeatureStats.cov needs at least 2 samples, got {self.n}")
+        self._check_finite()
         mu = self.sum / self.n
         sigma = (self.sum_outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
         sigma = 0.5 * (sigma + sigma.T)  # exact symmetry
@@ -418,7 +431,7 @@ def frechet_distance(
       is not finite, retried with eps * I added to both covariances; an imaginary part is dropped
       only if the diagonal's is below 1e-3, else ValueError.
     The two agree to ~1e-8 relative or better on well-conditioned statistics (tests/test_fid.py;
-    ~1e-15 on random 2048-d ones in benchmarks/fid_throughput.py --sqrtm). Raises ValueError
+    and on random 2048-d ones). Raises ValueError
     on non-finite, mismatched, asymmetric or indefinite input, and on a non-finite result.
     """
     mu1, sigma1 = _check_stats(mu1, sigma1, "stats 1")
@@ -511,11 +524,11 @@ def _as_images(item: Any) -> torch.Tensor:
     return item
 
 
-def _extract(images: torch.Tensor, feature_fn: FeatureFn, device, do_quantize: bool) -> torch.Tensor:
+def _extract(images: torch.Tensor, feature_fn: FeatureFn, device, do_quantize: bool, check: bool = True) -> torch.Tensor:
     if device is not None:
         images = images.to(device)
     if do_quantize and images.is_floating_point():
-        images = quantize(images)
+        images = quantize(images, check=check)
     with torch.no_grad():
         feats = feature_fn(images)
     if feats.ndim != 2:
@@ -636,17 +649,29 @@ def fid_from_generator(
         extractor = load_inception(device=device)
     rank, world = _rank_world()
     stats: FeatureStats | None = None
+    bad_images = None  # non-finite image values, counted on the device: no host sync per batch
     for b in range(rank, math.ceil(n / batch_size), world):
         size = min(batch_size, n - b * batch_size)
         images = sample_fn(b, size)
         if images.shape[0] != size:
             raise ValueError(f"sample_fn({b}, {size}) returned {images.shape[0]} images")
-        feats = _extract(images, extractor, device, do_quantize=True)
+        if device is not None:
+            images = images.to(device)
+        if images.is_floating_point():
+            bad = (~torch.isfinite(images)).sum(dtype=torch.float64)
+            bad_images = bad if bad_images is None else bad_images + bad
+        feats = _extract(images, extractor, device, do_quantize=True, check=False)
         if stats is None:
             stats = FeatureStats(feats.shape[1], device=feats.device)
-        stats.update(feats)
+        stats.update(feats, check=False)
     if stats is None:  # more ranks than batches: join the all-reduce with zeros
         stats = FeatureStats(len(ref_mu), device=_collective_device(device))
+    # a diverged sampler must not get a finite FID: one check (one sync) for all batches and ranks
+    bad = torch.zeros((), dtype=torch.float64, device=stats.sum.device) if bad_images is None else bad_images.to(stats.sum.device)
+    if _dist_ready():
+        torch.distributed.all_reduce(bad)
+    if float(bad) > 0:
+        raise ValueError(f"fid_from_generator: the samples contain {int(bad)} NaN or inf values (a diverged sampler?)")
     stats.all_reduce()
     if stats.n != n:
         raise RuntimeError(f"expected {n} samples in total, accumulated {stats.n}")

@@ -172,6 +172,21 @@ def attention_weights(q: Tensor, k: Tensor) -> Tensor:
     return w.to(q.dtype)
 
 
+def _add_(x: Tensor, y: Tensor) -> Tensor:
+    """x + y, written into x when that is the same arithmetic: x must be a fresh intermediate that
+    autograd did not save (a convolution's output), with y of the same dtype and broadcastable to x's
+    shape. Under autocast a bf16 x plus a float32 y promotes to float32: the out-of-place sum then."""
+    if x.dtype == y.dtype and torch.broadcast_shapes(x.shape, y.shape) == x.shape:
+        return x.add_(y)
+    return x + y
+
+
+def _silu(x: Tensor) -> Tensor:
+    """SiLU of a fresh intermediate (a norm's or a linear layer's output), in place when no gradient
+    will flow through it (teacher forwards, sampling): the same kernel, one buffer less."""
+    return F.silu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
+
+
 class UNetBlock(nn.Module):
     """EDM's unified U-Net residual block (DDPM++, NCSN++ and ADM) with optional up/down and self-attention.
 
@@ -216,24 +231,25 @@ class UNetBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         orig = x
-        x = self.conv0(F.silu(self.norm0(x)))
+        x = self.conv0(_silu(self.norm0(x)))
 
         params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)  # [N, C or 2C, 1, 1]
         if self.adaptive_scale:
             scale, shift = params.chunk(chunks=2, dim=1)
-            x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+            x = _silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
-            x = F.silu(self.norm1(x + params))
+            x = _silu(self.norm1(_add_(x, params)))
 
+        # residual sums in place into the convolution outputs (same arithmetic, no extra buffers)
         x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
-        x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
+        x = _add_(x, self.skip(orig) if self.skip is not None else orig).mul_(self.skip_scale)
 
         if self.num_heads:
             n, c = x.shape[0], x.shape[1]
             q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, -1).unbind(2)
             w = attention_weights(q, k)                  # [N*heads, HW, HW]
             a = torch.einsum("nqk,nck->ncq", w, v)      # [N*heads, c/heads, HW]
-            x = (self.proj(a.reshape(*x.shape)) + x) * self.skip_scale
+            x = _add_(self.proj(a.reshape(*x.shape)), x).mul_(self.skip_scale)
         return x
 
 
@@ -373,8 +389,8 @@ class SongUNet(nn.Module):
             emb = emb + self.map_label(tmp * math.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
-        emb = F.silu(self.map_layer0(emb))
-        emb = F.silu(self.map_layer1(emb))
+        emb = _silu(self.map_layer0(emb))
+        emb = _silu(self.map_layer1(emb))
 
         # Encoder.
         skips = []
@@ -399,7 +415,7 @@ class SongUNet(nn.Module):
             elif "aux_norm" in name:
                 tmp = block(x)
             elif "aux_conv" in name:
-                tmp = block(F.silu(tmp))
+                tmp = block(_silu(tmp))
                 aux = tmp if aux is None else tmp + aux
             else:
                 if x.shape[1] != block.in_channels:
@@ -469,14 +485,14 @@ class DhariwalUNet(nn.Module):
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
-        emb = F.silu(self.map_layer0(emb))
+        emb = _silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
             tmp = class_labels
             if self.training and self.label_dropout:
                 tmp = tmp * (torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout).to(tmp.dtype)
             emb = emb + self.map_label(tmp)
-        emb = F.silu(emb)
+        emb = _silu(emb)
 
         # Encoder.
         skips = []
@@ -489,7 +505,7 @@ class DhariwalUNet(nn.Module):
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
-        return self.out_conv(F.silu(self.out_norm(x)))
+        return self.out_conv(_silu(self.out_norm(x)))
 
 
 # ----------------------------------------------------------------------------------------------

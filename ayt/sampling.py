@@ -15,6 +15,36 @@ from . import consistency as C
 from .progress import Progress, counting
 
 
+CPU_CHUNK = 32  # network batch on the CPU: larger batches run slower per sample (allocations past the cache)
+
+
+def chunked(net: Callable, chunk: Optional[int]) -> Callable:
+    """net(x, sigma, labels) evaluated on slices of at most `chunk` samples, concatenated.
+
+    The samplers draw all noise for the whole batch first, so only the network calls are split; each
+    sample's output does not depend on the slice it is in (tests/test_sampling.py: bitwise on the CPU).
+    On the CPU, a 256-sample batch of the small DDPM++ runs ~1.6x faster in slices of 32 than whole;
+    on a GPU the whole batch is fastest (chunk None)."""
+    if not chunk:
+        return net
+
+    def call(x, sigma, class_labels=None):
+        if x.shape[0] <= chunk:
+            return net(x, sigma, class_labels)
+        sig = torch.as_tensor(sigma, device=x.device)
+        parts = []
+        for i in range(0, x.shape[0], chunk):
+            s = sig if sig.ndim == 0 else sig[i:i + chunk]
+            lab = class_labels if class_labels is None or class_labels.shape[0] == 1 else class_labels[i:i + chunk]
+            parts.append(net(x[i:i + chunk], s, lab))
+        return torch.cat(parts)
+    return call
+
+
+def default_chunk(device) -> Optional[int]:
+    return CPU_CHUNK if torch.device(device).type == "cpu" else None
+
+
 def batch_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), 0x5A3B, int(index)]).generate_state(1)[0])
 
@@ -24,6 +54,7 @@ def generate_batch(net: Callable, stage: str, n: int, img_channels: int, resolut
                    generator: torch.Generator, device, steps: int = 1) -> torch.Tensor:
     """n samples [n, C, H, W] in [-1, 1] (clamped)."""
     noise = torch.randn(n, img_channels, resolution, resolution, generator=generator, device=device)
+    net = chunked(net, default_chunk(device))
     labels = None
     if label_dim:
         labels = torch.nn.functional.one_hot(torch.randint(label_dim, (n,), generator=generator, device=device),
@@ -68,4 +99,5 @@ def denoise_batch(net: Callable, x_0: torch.Tensor, sigma: float, generator: tor
                   class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One-step denoising of x_0 + sigma * eps (for dFID), with the same Euler step to sigma_min."""
     eps = torch.randn(x_0.shape, generator=generator, device=x_0.device)
+    net = chunked(net, default_chunk(x_0.device))
     return C.consistency_sample(net, eps, (sigma,), class_labels=class_labels, offset=x_0).clamp(-1, 1)

@@ -16,7 +16,6 @@ import dataclasses
 import datetime
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -286,18 +285,119 @@ def build_stage(cfg: TrainConfig, img_channels: int, label_dim: int, device: tor
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """RAdam / Adam. optim.foreach=None is torch's default (the multi-tensor step on GPU, the per-parameter
+    loop on CPU, as in the authors' code); True forces the multi-tensor step: bitwise equal for Adam,
+    equal to float rounding for RAdam (it orders the arithmetic differently; tests/test_speed.py)."""
     o = cfg.optim
     cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[o.name]
-    return cls(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    return cls(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, foreach=o.foreach)
 
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p.detach(), 1 - decay)
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied. One multi-tensor
+    lerp (bitwise equal to a per-parameter `lerp_`)."""
+    ema_p, model_p = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    if ema_p:
+        torch._foreach_lerp_(ema_p, model_p, 1 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
+
+
+def step_networks(cfg: TrainConfig, model: torch.nn.Module, ddp_model: torch.nn.Module):
+    """(student, teacher) callables of the training step: the DDP wrapper (or the model) and the bare
+    model, compiled when cfg.compile. Compiled graphs draw dropout with eager's RNG calls
+    (inductor `fallback_random`), so the student and teacher keep one shared mask and the masks equal
+    the eager step's."""
+    if not cfg.compile:
+        return ddp_model, model
+    kw = {"dynamic": False, "options": {"fallback_random": True}}  # static shapes: the batch never changes
+    student = torch.compile(ddp_model, **kw)
+    return student, (student if ddp_model is model else torch.compile(model, **kw))
+
+
+class NonFiniteWatch:
+    """Non-finite losses seen since the last check, recorded on the device without a host sync.
+
+    `check` (one sync, and one all-reduce under DDP so every rank stops together) raises
+    NonFiniteLossError; the training loop calls it before every optimiser update when
+    nan_check_every=1, otherwise every nan_check_every iterations and before every log, checkpoint,
+    snapshot, sample grid or evaluation, so a checkpoint never holds weights updated from a non-finite loss.
+    """
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first bad iteration, -1: none
+
+    def record(self, stats: dict[str, torch.Tensor], it: int) -> None:
+        if not stats:
+            return
+        bad = ~torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in stats.values()])).all()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, it), self.first_bad)
+
+    def check(self, d: Dist, it: int, stats: dict[str, torch.Tensor], updated: bool, last_ckpt: Callable) -> None:
+        first = self.first_bad.clone()
+        if d.world > 1:
+            first = torch.where(first < 0, torch.full_like(first, 2 ** 62), first)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            first = torch.where(first == 2 ** 62, torch.full_like(first, -1), first)
+        first = int(first.item())
+        if first < 0:
+            return
+        values = _reduce_mean(stats, d)
+        if first == it and not updated:
+            where = f"at iteration {it}: {values}; weights were not updated"
+        else:
+            where = (f"first at iteration {first} (checked at iteration {it}, nan_check_every); the weights were "
+                     f"updated since, but no checkpoint was written after the last check")
+        raise NonFiniteLossError(f"non-finite loss {where}. The last checkpoint is {last_ckpt()}; lower optim.lr or "
+                                 "check the data / initial weights")
+
+
+def train_step(cfg: TrainConfig, d: Dist, it: int, nets: tuple, model: torch.nn.Module, ema: torch.nn.Module,
+               objective: Callable, opt: torch.optim.Optimizer, next_batch: Callable, accum: int,
+               watch: NonFiniteWatch, check: bool, last_ckpt: Callable = lambda: None,
+               aux: Optional[torch.nn.Module] = None) -> dict[str, torch.Tensor]:
+    """One optimiser step (iteration `it`): warm-up lr, `accum` micro-steps of forward/backward, the
+    non-finite check (a host sync only when `check`), gradient clipping, the update and the EMA.
+
+    nets = (student, teacher) from `step_networks`; next_batch() -> (x_0 [N, C, H, W] on the device,
+    labels or None); aux: the objective's trainable module (optimised with the model; its gradients are
+    averaged over processes here, DDP averages the model's). Returns the micro-step mean of the
+    objective's statistics (device tensors; no sync).
+    """
+    student, teacher = nets
+    for g in opt.param_groups:  # linear warm-up
+        g["lr"] = cfg.optim.lr * min(1.0, (it + 1) / cfg.optim.warmup_iters) if cfg.optim.warmup_iters else cfg.optim.lr
+    opt.zero_grad(set_to_none=True)
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    stats_sum: dict[str, torch.Tensor] = {}
+    for m in range(accum):
+        x_0, labels = next_batch()
+        if cfg.channels_last:
+            x_0 = x_0.contiguous(memory_format=torch.channels_last)
+        step_seed = derive_seed(cfg.seed, d.rank, it, m)
+        torch.manual_seed(step_seed)  # dropout masks of this micro-step
+        gen = torch.Generator(d.device).manual_seed(step_seed + 1)
+        sync = m == accum - 1 or d.world == 1
+        ctx = student.no_sync() if not sync else contextlib.nullcontext()
+        with ctx:
+            with autocast:
+                loss, stats = objective(student, x_0, labels, it, gen, teacher=teacher)
+            (loss.float().mean() / accum).backward()
+        for k, v in stats.items():
+            stats_sum[k] = stats_sum.get(k, 0) + v.float() / accum
+    watch.record(stats_sum, it)
+    if check:
+        watch.check(d, it, stats_sum, updated=False, last_ckpt=last_ckpt)
+    if aux is not None and d.world > 1:  # DDP averages the model's gradients only
+        for p in aux.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= d.world
+    if cfg.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    opt.step()
+    update_ema(ema, model, cfg.ema_decay)
+    return stats_sum
 
 
 def _rng_state() -> dict:
@@ -318,7 +418,7 @@ class NonFiniteLossError(FloatingPointError):
 # renamed run directory resumes too). The layout (processes, batch_per_device) is checked separately,
 # against the checkpoint (`check_resume_layout`).
 RESUME_MAY_CHANGE = ("iters", "keep_last", "snapshot_every", "ckpt_every", "log_every", "sample_every",
-                     "eval_every", "eval_samples", "log", "name", "run_root", "batch_per_device")
+                     "eval_every", "eval_samples", "log", "name", "run_root", "batch_per_device", "nan_check_every")
 
 
 def run_directory(cfg: TrainConfig) -> Path:
@@ -457,6 +557,8 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, eval_fn: Optional[Callable],
     model, objective, extra, init_note = build_stage(cfg, img_channels, label_dim, d.device)
     extra.update(img_channels=img_channels, label_dim=label_dim)
     model = model.to(d.device).train()
+    if cfg.channels_last:  # before DDP wraps it (DDP's gradient buckets follow the parameters' layout)
+        model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     aux = getattr(objective, "module", None)  # trainable parts of the objective (sCM adaptive weight), or None
     if aux is not None:
@@ -507,7 +609,6 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, eval_fn: Optional[Callable],
         ds, batch_sampler=_IterationBatches(len(ds), cfg, d, micro, accum, start_it),
         num_workers=2 if d.device.type == "cuda" else 0, pin_memory=d.device.type == "cuda")
     batches = iter(loader)
-    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     metrics_file = run_dir / "metrics.jsonl"
     t_start, last_log_t, last_log_it = time.time(), time.time(), start_it
     end_it = cfg.iters if stop_after is None else min(cfg.iters, start_it + stop_after)
@@ -531,42 +632,28 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, eval_fn: Optional[Callable],
             ck.save_atomic({**header, "kind": "snapshot", "iteration": it, "ema": ema.state_dict()},
                            ck.snapshot_path(run_dir, it), "snapshot")
 
-    for it in range(start_it, end_it):
-        for g in opt.param_groups:  # linear warm-up
-            g["lr"] = cfg.optim.lr * min(1.0, (it + 1) / cfg.optim.warmup_iters) if cfg.optim.warmup_iters else cfg.optim.lr
-        opt.zero_grad(set_to_none=True)
-        stats_sum: dict[str, torch.Tensor] = {}
-        for m in range(accum):
-            x_0, labels = next(batches)
-            x_0 = x_0.to(d.device, non_blocking=True)
-            labels = labels.to(d.device) if label_dim else None
-            step_seed = derive_seed(cfg.seed, d.rank, it, m)
-            torch.manual_seed(step_seed)  # dropout masks of this micro-step
-            gen = torch.Generator(d.device).manual_seed(step_seed + 1)
-            sync = m == accum - 1 or d.world == 1
-            ctx = ddp_model.no_sync() if not sync else contextlib.nullcontext()
-            with ctx:
-                with autocast:
-                    loss, stats = objective(ddp_model, x_0, labels, it, gen, teacher=model)
-                (loss.float().mean() / accum).backward()
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0) + v.float() / accum
-        loss_value = _reduce_mean(stats_sum, d)
-        if not all(math.isfinite(v) for v in loss_value.values()):
-            raise NonFiniteLossError(f"non-finite loss at iteration {it}: {loss_value}; weights were not updated. "
-                                     f"The last checkpoint is {ck.latest_checkpoint(run_dir)}; lower optim.lr or "
-                                     "check the data / initial weights")
-        if aux is not None and d.world > 1:  # DDP averages the model's gradients only
-            for p in aux.parameters():
-                dist.all_reduce(p.grad)
-                p.grad /= d.world
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        update_ema(ema, model, cfg.ema_decay)
-        done = it + 1
+    nets = step_networks(cfg, model, ddp_model)
+    watch = NonFiniteWatch(d.device)
 
-        if done % cfg.log_every == 0 or done == cfg.iters:
+    def next_batch():
+        x_0, labels = next(batches)
+        return x_0.to(d.device, non_blocking=True), (labels.to(d.device) if label_dim else None)
+
+    for it in range(start_it, end_it):
+        done = it + 1
+        # the non-finite check (a host sync) before this update when due, and always before anything is
+        # logged or written (checkpoint, snapshot, samples, evaluation)
+        check = (done % cfg.nan_check_every == 0 or done % cfg.log_every == 0 or done % cfg.ckpt_every == 0
+                 or done in (cfg.iters, end_it, start_it + 1) or bool(cfg.sample_every and done % cfg.sample_every == 0)
+                 or bool(eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0)
+                 or bool(cfg.snapshot_every and done % cfg.snapshot_every == 0))
+        stats = train_step(cfg, d, it, nets, model, ema, objective, opt, next_batch, accum, watch, check,
+                           last_ckpt=lambda: ck.latest_checkpoint(run_dir), aux=aux)
+
+        logged = done % cfg.log_every == 0 or done == cfg.iters
+        if logged or done == start_it + 1:  # statistics to the host (a sync, and an all-reduce on every rank)
+            loss_value = _reduce_mean(stats, d)
+        if logged:
             now = time.time()
             rate = (done - last_log_it) / max(now - last_log_t, 1e-9)
             rec = {"iteration": done, **{k: round(v, 6) for k, v in loss_value.items()},
