@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import math
 import os
 import sys
 import time
