@@ -286,6 +286,9 @@ class FeatureSpace:
             return
         self.ref_dataset, ref_words = reference_dataset(cfg, self.dataset)
         if self.metric == "swd":
+            if ecfg.ref is not None:
+                raise ValueError(f"--ref {ecfg.ref}: reference statistics apply to FID and FD_eval, not to SWD "
+                                 f"(it compares with real images: {ref_words})")
             self.ref_note = f"{ref_words}, up to {min(ecfg.swd_images, len(self.ref_dataset))} images"
             return
         if cfg.data.name == "shapes":

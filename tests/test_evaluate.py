@@ -324,3 +324,11 @@ def test_eval_cli_prints_one_metric_line(folder_run, tmp_path):
     metric_lines = [l for l in out.stdout.splitlines() if "metric: " in l]
     assert len(metric_lines) == 1 and "metric: SWD" in metric_lines[0]
     assert str(tmp_path / "hub") in metric_lines[0] and "pass --inception FILE for FID" in metric_lines[0]
+
+
+def test_swd_refuses_reference_statistics(folder_run, tmp_path):
+    ref = tmp_path / "stats.npz"
+    np.savez(ref, mu=np.zeros(4), sigma=np.eye(4))
+    with pytest.raises(ValueError, match="reference statistics apply to FID and FD_eval, not to SWD"):
+        evaluate_run(folder_run, EvalConfig(metric="swd", n=8, runs=1, ref=str(ref), device="cpu"),
+                     log=lambda *a: None)
