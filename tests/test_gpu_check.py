@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,10 @@ def run(tmp_path, *args, monkeypatch=None):
 
 
 def test_smoke_sections_and_budgets(tmp_path, monkeypatch):
-    # steps: the first variant runs, its budget is then spent and the other variants are skipped
+    # steps: the first variant runs, its budget is then spent and the other variants are skipped (each timing
+    # is made to take at least 0.3 s, so the first variant's two timings outlast the 0.5 s on any machine)
+    timed = gpu_check.StepBench.time
+    monkeypatch.setattr(gpu_check.StepBench, "time", lambda self, *a, **k: (time.sleep(0.3), timed(self, *a, **k))[1])
     report = run(tmp_path, "--only", "env,steps,parity,sampling", "--budget", "steps=0.5")
     sec = report["sections"]
     assert [sec[k]["status"] for k in ("env", "steps", "parity", "sampling")] == ["ok"] * 4
