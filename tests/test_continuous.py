@@ -14,6 +14,7 @@ from ayt.config import ConfigError, make_config
 from ayt.features import build_feature_net, freeze
 from ayt.networks import build_network
 from ayt.train import train
+from test_train import _assert_same_state
 
 TINY = {"data.name": "shapes", "data.resolution": 16, "data.num_images": 256, "net.arch": "tiny",
         "batch": 8, "log_every": 2, "ckpt_every": 3, "sample_every": 0, "device": "cpu"}
@@ -267,21 +268,12 @@ def test_modes_train_end_to_end(tmp_path, runs, mode):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def _same_state(a, b):
-    for key in ("model", "ema"):
-        for k in a[key]:
-            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs"
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        for k in sa:
-            assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), f"optimizer {k} differs"
-
-
 def test_ccd_ayt_resume_is_bitwise_exact(tmp_path, runs):
     straight = train(_cont_cfg(tmp_path / "a", runs, "ccd-ayt"))
     half = _cont_cfg(tmp_path / "b", runs, "ccd-ayt")
     train(half, stop_after=3)
     resumed = train(half, resume=True)
-    _same_state(ck.load_checkpoint(ck.resolve_checkpoint(straight)), ck.load_checkpoint(ck.resolve_checkpoint(resumed)))
+    _assert_same_state(ck.load_checkpoint(ck.resolve_checkpoint(straight)), ck.load_checkpoint(ck.resolve_checkpoint(resumed)))
     assert _read_metrics(straight) == [{**r, "it_per_s": s["it_per_s"], "time_s": s["time_s"]}
                                        for r, s in zip(_read_metrics(resumed), _read_metrics(straight))]
 
@@ -369,7 +361,7 @@ def test_ct_with_sCM_stabilisers_trains_and_resumes_bitwise(tmp_path, runs):
     train(half, stop_after=3)
     resumed = train(half, resume=True)
     a, b = ck.load_checkpoint(ck.resolve_checkpoint(straight)), ck.load_checkpoint(ck.resolve_checkpoint(resumed))
-    _same_state(a, b)
+    _assert_same_state(a, b)
     for k in a["objective"]:
         assert torch.equal(a["objective"][k], b["objective"][k]), k
     assert a["objective"]["linear.bias"].abs().item() > 0               # the weighting was trained

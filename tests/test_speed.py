@@ -8,6 +8,7 @@ import frozen_reference as ref
 from ayt import checkpoint as ck
 from ayt.config import ConfigError, make_config
 from ayt.train import NonFiniteLossError, train, update_ema
+from test_train import nan_loss_from
 
 SMALL = {"net.arch": "tiny", "data.resolution": 16, "ct.feature_arch": "mini-vgg", "net.dropout": 0.2}
 
@@ -66,16 +67,7 @@ def test_nan_check_every_n_never_checkpoints_a_non_finite_update(tmp_path, monke
     """With nan_check_every=100 the loss is checked only every 100 iterations and before every log,
     checkpoint, sample or evaluation: a NaN at iteration 4 goes unseen until the check before the
     checkpoint of iteration 6, which is then not written (the one of iteration 3 is clean)."""
-    from ayt import objectives
-    real = objectives.DiffusionObjective.__call__
-
-    def nan_from_4(self, net, x_0, labels, it, generator, teacher=None):
-        loss, stats = real(self, net, x_0, labels, it, generator, teacher)
-        if it >= 4:
-            loss = loss * float("nan")
-            stats = {"loss": loss.detach().mean()}
-        return loss, stats
-    monkeypatch.setattr(objectives.DiffusionObjective, "__call__", nan_from_4)
+    nan_loss_from(monkeypatch, 4)
     cfg = make_config(None, {"stage": "diffusion", "data.name": "shapes", "data.resolution": 16, "data.num_images": 64,
                              "net.arch": "tiny", "batch": 4, "iters": 8, "log_every": 100, "ckpt_every": 3,
                              "sample_every": 0, "device": "cpu", "run_root": str(tmp_path), "name": "nan",

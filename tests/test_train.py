@@ -180,17 +180,22 @@ def test_foreign_checkpoint_is_refused(tmp_path, feature_run):
         train(cfg_for(tmp_path, "consistency", **{"net.init": str(feature_run)}))
 
 
-def test_nan_loss_stops_before_update(tmp_path, diffusion_run, monkeypatch):
+def nan_loss_from(monkeypatch, first: int) -> None:
+    """Make the diffusion objective's loss NaN from 0-based iteration `first` on."""
     from ayt import objectives
     real = objectives.DiffusionObjective.__call__
 
-    def nan_after_two(self, net, x_0, labels, it, generator, teacher=None):
+    def nan_from(self, net, x_0, labels, it, generator, teacher=None):
         loss, stats = real(self, net, x_0, labels, it, generator, teacher)
-        if it >= 4:
+        if it >= first:
             loss = loss * float("nan")
             stats = {"loss": loss.detach().mean()}
         return loss, stats
-    monkeypatch.setattr(objectives.DiffusionObjective, "__call__", nan_after_two)
+    monkeypatch.setattr(objectives.DiffusionObjective, "__call__", nan_from)
+
+
+def test_nan_loss_stops_before_update(tmp_path, diffusion_run, monkeypatch):
+    nan_loss_from(monkeypatch, 4)
     cfg = cfg_for(tmp_path, "diffusion", tag="nan")
     with pytest.raises(NonFiniteLossError, match="iteration 4"):
         train(cfg)
