@@ -12,8 +12,6 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-AYT_MODES = ("ect", "mfd", "ect+mfd", "lpips", "ect+lpips")
-
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float = 0.0) -> torch.Tensor:
     """sqrt(||a - b||^2 + c^2) - c per sample [N] (norm over all non-batch dims); c = 0 is the L2 norm."""
