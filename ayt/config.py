@@ -242,6 +242,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mini-feature-net": {**_SHAPES, "stage": "feature", "feature.arch": "mini-vgg", "optim.lr": 1e-3,
                          "feature.p_ramp_iters": 500, "batch": 128, "iters": 3200, "ema_decay": 0.0,
                          "log_every": 50, "ckpt_every": 500, "snapshot_every": 0, "sample_every": 0},
+    # The autoencoder feature space (the authors' train_dae.py; the study's family arms): same budget as mini-feature-net.
+    "mini-dae": {**_SHAPES, "stage": "feature", "feature.arch": "dae", "feature.objective": "denoise",
+                 "optim.lr": 1e-3, "batch": 128, "iters": 3200, "ema_decay": 0.0, "log_every": 50,
+                 "ckpt_every": 500, "snapshot_every": 0, "sample_every": 0},
     "mini-ect": {**_MINI_CT, "ct.mode": "ect"},
     "mini-ayt": {**_MINI_CT, "ct.mode": "mfd"},
     # The whole pipeline in minutes on 2 CPU cores (see README "demo"); `ayt demo` runs all four.
@@ -283,6 +287,7 @@ PRESET_PURPOSES: dict[str, str] = {
     "imagenet64-feature-net": "VGG16 feature net on ImageNet 64x64 (data/imagenet-64x64.zip)",
     "mini-diffusion": "EDM pretraining on the built-in 16x16 shapes (CPU, the mini study's init)",
     "mini-feature-net": "mini VGG feature net on the built-in 16x16 shapes (CPU, the mini study)",
+    "mini-dae": "denoising autoencoder on the 16x16 shapes, its encoder as feature net (CPU, the study's family arms)",
     "mini-ect": "ECT on the shapes from runs/mini-diffusion (CPU, the mini study's baseline)",
     "mini-ayt": "AYT on the shapes from runs/mini-diffusion with runs/mini-feature-net (CPU, the mini study)",
     "demo-feature-net": "demo stage 1: feature net on 4,096 shapes, 1,000 iterations, about 1.5 CPU minutes (`python -m ayt demo`)",

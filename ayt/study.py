@@ -1,6 +1,6 @@
 """The mini study, v2: AYT vs ECT at CPU scale, on the built-in shapes and on real photo crops.
 
-    python -m ayt study [--run-root runs/study] [--workers 2] [--device cpu] [--datasets shapes,photos]
+    python -m ayt study [--run-root runs/study] [--workers 2] [--device cpu] [--datasets shapes,photos] [--family]
 
 The protocol (docs/mini-study.md) in one command, resumable: finished runs are skipped,
 interrupted ones resume from their last checkpoint, and every started and finished run prints one
@@ -16,7 +16,10 @@ line with its log path. Per dataset (a sub-directory of the run root):
      untrained feature net at AYT's pick);
   3. the batch claim: the better ECT at batch 64 for BIG_BATCH_ITERS iterations, seeds 0-2;
   4. reporting runs evaluated at EVAL_ITERS, selection runs at their end (1- and 2-step FD_eval,
-     precision/recall, multi-scale SWD).
+     precision/recall, multi-scale SWD);
+  5. with --family, after steps 0-4 of every dataset: the authors' family (FAMILY_ARMS): CCD vs CCD-AYT,
+     CT vs CT-AYT and AYT with a denoising autoencoder's features vs the VGG's, on the reporting seeds at
+     the learning rate each arm's discrete counterpart selected (FAMILY_LR_FROM).
 Every arm at a given seed has the same teacher, feature net, data order and noise (the training loop
 derives both from the seed). `summarize` turns the run directories into `<run-root>/mini-study.json`,
 the file every README number comes from (a copy is committed as figures/mini-study.json).
@@ -59,6 +62,23 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "ayt": ("mini-ayt", []),
 }
 ECT_ARMS = ("ect-fine", "ect-official")
+# The authors' family (docs/mini-study.md section 7), same budget, evaluator and seeds as the arms above:
+# continuous-time distillation from the study's teacher (CCD) and training without one (CT), each with a
+# pixel-space and a feature-space (AYT) tangent, and AYT with the denoising autoencoder `mini-dae` as phi.
+# CCD-AYT uses the per-sample 1/t weight (continuous.weighting's default), not train_ccd_ayt.py's broadcast.
+FAMILY_ARMS: dict[str, tuple[str, list[str]]] = {
+    "ccd": ("mini-ect", ["ct.mode=ccd"]),
+    "ccd-ayt": ("mini-ect", ["ct.mode=ccd-ayt"]),
+    "ct": ("mini-ect", ["ct.mode=cct"]),
+    "ct-ayt": ("mini-ect", ["ct.mode=cct-ayt"]),
+    "ayt-dae": ("mini-ayt", ["ct.feature_arch=dae"]),
+}
+# No learning-rate search of their own (it would double the family's cost): pixel-space arms run at the
+# better ECT's pick, feature-space arms at AYT's, so each pair differs as ECT and AYT do in steps 1-3.
+FAMILY_LR_FROM = {"ccd": "ect", "ccd-ayt": "ayt", "ct": "ect", "ct-ayt": "ayt", "ayt-dae": "ayt"}
+# (baseline, challenger): the summary reports the iterations the challenger needs to reach the baseline.
+FAMILY_PAIRS = (("ccd", "ccd-ayt"), ("ct", "ct-ayt"), ("ayt", "ayt-dae"))
+ALL_ARMS = {**ARMS, **FAMILY_ARMS}
 
 
 @dataclasses.dataclass
@@ -131,11 +151,12 @@ class Study:
                    "--device", self.device], self.root / ds / "logs" / "evaluator.log", f"{ds} evaluator")
 
     def ct_run(self, ds: str, arm: str, lr: float, seed: int, batch: int = 16, control: bool = False) -> Path:
-        preset, extra = ARMS[arm]
+        preset, extra = ALL_ARMS[arm]
         name = run_name(arm, lr, batch, seed, control)
         iters = BIG_BATCH_ITERS if batch == BIG_BATCH else ITERS
         root = self.root / ds
-        feature_net = root / ("mini-feature-net-random" if control else "mini-feature-net")
+        feature_net = root / ("mini-feature-net-random" if control else "mini-dae" if arm == "ayt-dae"
+                              else "mini-feature-net")
         over = [*extra, f"optim.lr={lr}", f"seed={seed}", f"batch={batch}", f"iters={iters}",
                 f"net.init={root / 'mini-diffusion'}", f"ct.feature_net={feature_net}"]
         run = self.train(ds, preset, name, over)
@@ -169,10 +190,19 @@ class Study:
         jobs += [self.pool.submit(self.ct_run, ds, ect, picks[ect], s, BIG_BATCH) for s in SEEDS]
         [j.result() for j in jobs]
 
-    def run(self, datasets=DATASETS) -> dict:
+    def family(self, ds: str) -> None:
+        """Step 5: the family arms on the reporting seeds, at their counterparts' picks (needs steps 1-3)."""
+        self.train(ds, "mini-dae", "mini-dae", [])
+        lrs = family_lrs(selection(self.root / ds))
+        jobs = [self.pool.submit(self.ct_run, ds, arm, lrs[arm], s) for arm in FAMILY_ARMS for s in SEEDS]
+        [j.result() for j in jobs]
+
+    def run(self, datasets=DATASETS, family: bool = False) -> dict:
         self.root.mkdir(parents=True, exist_ok=True)
         for ds in datasets:  # one after the other: the first dataset's results come first
             self.dataset(ds)
+        for ds in datasets if family else ():  # the family after the main protocol of every dataset
+            self.family(ds)
         summary = summarize(self.root, datasets)
         summary["wall_clock_s_last_invocation"] = round(time.time() - self._started, 1)
         write_summary(self.root, summary)
@@ -188,7 +218,7 @@ def run_name(arm: str, lr: float, batch: int, seed: int, control: bool = False) 
 
 def parse_run_name(name: str) -> Optional[dict]:
     """Inverse of run_name; None for the shared pieces."""
-    for arm in ARMS:
+    for arm in ALL_ARMS:
         if name.startswith(arm + "-lr"):
             parts = name[len(arm) + 1:].split("-")
             try:
@@ -272,6 +302,14 @@ def selection(ds_root: Path) -> dict:
     return out
 
 
+def family_lrs(sel: dict) -> dict[str, float]:
+    """Each family arm's learning rate: the pick of its discrete counterpart (FAMILY_LR_FROM)."""
+    if "ayt" not in sel or not any(a in sel for a in ECT_ARMS):
+        raise KeyError("the family arms borrow the selected learning rates: run the main protocol first")
+    ect = better_ect(sel)
+    return {arm: sel[ect if src == "ect" else "ayt"]["pick"] for arm, src in FAMILY_LR_FROM.items()}
+
+
 def better_ect(sel: dict) -> str:
     """The ECT arm with the lower selection score at its pick (the baseline at its best)."""
     have = [a for a in ECT_ARMS if a in sel]
@@ -302,10 +340,61 @@ def _finals(group: dict[int, Path], it: int) -> dict:
     return out
 
 
+def reach(base: dict[int, Path], new: dict[int, Path], base_name: str, new_name: str) -> dict:
+    """Per seed: the baseline's final 1-step FD_eval and the iterations `new` needs to reach it (linear
+    interpolation; None when it never does), with the speed-up ITERS / iterations; min-max over seeds
+    only when every seed got there."""
+    per_seed = []
+    for seed, run in sorted(base.items()):
+        if seed not in new or ITERS not in curve(run):
+            continue
+        target = curve(run)[ITERS]
+        it = iterations_to_reach(curve(new[seed]), target)
+        per_seed.append({"seed": seed, f"{base_name}_final": target, f"{new_name}_iterations_to_reach": it,
+                         "speedup": ITERS / it if it else None})
+    out: dict = {"per_seed": per_seed}
+    if per_seed and all(s["speedup"] is not None for s in per_seed):
+        out["speedup"] = _stats([s["speedup"] for s in per_seed])
+        out[f"{new_name}_iterations_to_reach"] = _stats([s[f"{new_name}_iterations_to_reach"] for s in per_seed])
+    return out
+
+
+def summarize_family(ds_root: Path, sel: dict, ayt_group: dict[int, Path]) -> Optional[dict]:
+    """Step 5's numbers: each family arm's finals and, per pair, the challenger's iterations to reach the
+    baseline's final 1-step FD_eval. None when no family run has been evaluated."""
+    runs = {n: m for n, m in _runs(ds_root).items() if m["arm"] in FAMILY_ARMS}
+    if not runs:
+        return None
+    lrs = family_lrs(sel)
+    groups = {arm: _group(ds_root, runs, arm, lr, 16, False) for arm, lr in lrs.items()}
+    out: dict = {"lr": lrs, "lr_from": dict(FAMILY_LR_FROM),
+                 "groups": {k: {"runs": sorted(p.name for p in g.values()), **_finals(g, ITERS)}
+                            for k, g in groups.items()}}
+    groups["ayt"] = ayt_group
+    out["pairs"] = {f"{b}_vs_{c}": reach(groups[b], groups[c], b, c) for b, c in FAMILY_PAIRS}
+    out["complete"] = all(len(groups[a]) == len(SEEDS) and all(ITERS in curve(p) for p in groups[a].values())
+                          for a in FAMILY_ARMS)
+    return out
+
+
+def feature_net_quality(ds_root: Path) -> dict:
+    """What the shared feature networks learned, from their results.json: per-label R^2 and the verdict of
+    the trained VGG (recomputed under today's rule), reconstruction RMSE by noise level of the autoencoder."""
+    from .train import feature_net_verdict
+    out = {}
+    for name in ("mini-feature-net", "mini-dae"):
+        res = ds_root / name / "results.json"
+        fn = json.loads(res.read_text()).get("feature_net") if res.exists() else None
+        if fn:
+            out[name] = {**fn, "verdict": feature_net_verdict(fn["r2"])} if "r2" in fn else fn
+    return out
+
+
 def summarize_dataset(ds_root: Path) -> dict:
     runs = _runs(ds_root)
     sel = selection(ds_root)
-    out: dict = {"complete": False, "selection": {a: {**s, "pick": s["pick"]} for a, s in sel.items()}}
+    out: dict = {"complete": False, "selection": {a: {**s, "pick": s["pick"]} for a, s in sel.items()},
+                 "feature_nets": feature_net_quality(ds_root)}
     if "ayt" not in sel or not any(a in sel for a in ECT_ARMS):
         return out
     ect = better_ect(sel)
@@ -325,19 +414,8 @@ def summarize_dataset(ds_root: Path) -> dict:
         out["ect_flattening"] = {"from": FLAT_FROM, "to": ITERS, "relative_change": float((a - b) / a),
                                  "tolerance": FLAT_TOL, "flattened": bool(abs(a - b) / a < FLAT_TOL)}
     # Headline: iterations AYT needs to reach the better ECT's final 1-step FD_eval, per seed.
-    per_seed = []
-    for seed, ect_run in sorted(groups["ect"].items()):
-        if seed not in groups["ayt"] or ITERS not in curve(ect_run):
-            continue
-        target = curve(ect_run)[ITERS]
-        reach = iterations_to_reach(curve(groups["ayt"][seed]), target)
-        per_seed.append({"seed": seed, "ect_final": target, "ayt_iterations_to_reach": reach,
-                         "speedup": ITERS / reach if reach else None})
-    out["headline"] = {"per_seed": per_seed}
-    reached = [s for s in per_seed if s["speedup"] is not None]
-    if per_seed and len(reached) == len(per_seed):
-        out["headline"]["speedup"] = _stats([s["speedup"] for s in reached])
-        out["headline"]["ayt_iterations_to_reach"] = _stats([s["ayt_iterations_to_reach"] for s in reached])
+    out["headline"] = reach(groups["ect"], groups["ayt"], "ect", "ayt")
+    per_seed = out["headline"]["per_seed"]
     # Batch claim: AYT at batch 16 vs the better ECT at batch 64, both at BIG_BATCH_ITERS iterations.
     ayt_at = [curve(p).get(BIG_BATCH_ITERS) for p in groups["ayt"].values()]
     big = [curve(p).get(BIG_BATCH_ITERS) for p in groups["ect_bs64"].values()]
@@ -346,6 +424,9 @@ def summarize_dataset(ds_root: Path) -> dict:
     # complete: every arm selected, every reporting group evaluated on all seeds, headline and batch claim
     out["complete"] = bool(set(sel) == set(ARMS) and len(per_seed) == len(SEEDS) and "batch_claim" in out
                            and all(len(g) == len(SEEDS) for g in groups.values()))
+    fam = summarize_family(ds_root, sel, groups["ayt"])
+    if fam is not None:
+        out["family"] = fam
     out["wall_clock_s"] = {n: json.loads((ds_root / n / "results.json").read_text())["train"].get(
         "wall_clock_s_last_session") for n in runs}
     return out
@@ -356,7 +437,9 @@ def summarize(root: Path, datasets=DATASETS) -> dict:
     protocol = {"lr_grid": list(LR_GRID), "selection_seed": SELECTION_SEED, "seeds": list(SEEDS), "iters": ITERS,
                 "eval_iters": list(EVAL_ITERS), "n_eval": N_EVAL, "n_ref": N_REF, "metric": METRIC,
                 "big_batch": BIG_BATCH, "big_batch_iters": BIG_BATCH_ITERS, "flat_tolerance": FLAT_TOL,
-                "arms": {a: {"preset": p, "overrides": o} for a, (p, o) in ARMS.items()}}
+                "arms": {a: {"preset": p, "overrides": o} for a, (p, o) in ARMS.items()},
+                "family_arms": {a: {"preset": p, "overrides": o, "lr_from": FAMILY_LR_FROM[a]}
+                                for a, (p, o) in FAMILY_ARMS.items()}}
     return {"protocol": protocol, "datasets": {ds: summarize_dataset(Path(root) / ds) for ds in datasets
                                                if (Path(root) / ds).is_dir()}}
 
@@ -442,6 +525,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="device of every run: cpu or cuda")
     ap.add_argument("--datasets", default=",".join(DATASETS),
                     help=f"comma-separated subset of {', '.join(DATASETS)}")
+    ap.add_argument("--family", action="store_true",
+                    help="after the main protocol, also run the family arms: CCD vs CCD-AYT, CT vs CT-AYT, AYT with "
+                         "autoencoder vs VGG features (about 2.5 more hours per dataset on 2 CPU cores)")
     ap.add_argument("--summary-only", action="store_true", help="only rebuild mini-study.json from the run directories")
     ap.add_argument("--sample-figures", metavar="DIR", help="only write sample grids of the chosen runs to DIR")
     ap.add_argument("--build-evaluator", metavar="DATASET", help=argparse.SUPPRESS)  # used by the driver
@@ -461,7 +547,7 @@ def main(argv=None) -> int:
     if args.summary_only:
         path = write_summary(root, summarize(root, datasets))
     else:
-        summary = Study(root, args.device, args.workers, log=lambda m: print(m, flush=True)).run(datasets)
+        summary = Study(root, args.device, args.workers, log=lambda m: print(m, flush=True)).run(datasets, args.family)
         path = root / "mini-study.json"
     print(f"[study] summary: {path}")
     return 0

@@ -2,6 +2,7 @@
 the flattening criterion, the iterations-to-reach headline and the batch claim, from fake run
 directories (the protocol itself runs for hours; its driver is exercised by the pure functions it uses)."""
 import json
+import shutil
 import sys
 
 import pytest
@@ -78,6 +79,10 @@ def test_summarize_dataset(tmp_path, official_better):
     assert d["headline"]["speedup"]["mean"] == pytest.approx(2000 / 812.5)
     assert d["batch_claim"]["ayt_bs16"]["mean"] == 8.0 and d["batch_claim"]["ect_bs64"]["mean"] == 10.0
     assert d["complete"]
+    assert d["feature_nets"] == {}  # fake runs have no shared pieces
+    (tmp_path / "shapes" / "mini-dae").mkdir()
+    (tmp_path / "shapes" / "mini-dae" / "results.json").write_text(json.dumps({"feature_net": {"rmse": {"1": 0.2}}}))
+    assert study.summarize_dataset(tmp_path / "shapes")["feature_nets"] == {"mini-dae": {"rmse": {"1": 0.2}}}
 
 
 def test_headline_is_absent_when_ayt_never_reaches_ect(tmp_path):
@@ -143,3 +148,58 @@ def test_figure_runs_label_the_reporting_arms(tmp_path):
     assert all(r["seed"] in study.SEEDS for r in runs) and len(runs) == 12  # no selection-seed run
     assert best == "ect-official"
     assert study.chosen_runs(tmp_path / "nothing") == {}
+
+
+def test_family_runs_borrow_the_picks_and_pair_up(tmp_path):
+    """The family arms (--family): names parse, each arm's lr is its discrete counterpart's pick, the
+    pairs report the challenger's iterations to reach the baseline, and the main summary is unchanged."""
+    root = tmp_path / "shapes"
+    best = _populate(root)  # picks: every arm 2e-4
+    main = study.summarize_dataset(root)
+    assert "family" not in main  # no family run yet: no invented entry
+    # make AYT's pick differ from ECT's: AYT's selection run at 5e-4 now scores best
+    shutil.rmtree(root / study.run_name("ayt", 5e-4, 16, study.SELECTION_SEED))
+    fake_run(root, study.run_name("ayt", 5e-4, 16, study.SELECTION_SEED), {study.ITERS: 1.0})
+    lrs = study.family_lrs(study.selection(root))
+    assert lrs == {"ccd": 2e-4, "ct": 2e-4, "ccd-ayt": 5e-4, "ct-ayt": 5e-4, "ayt-dae": 5e-4}
+    for arm in study.FAMILY_ARMS:
+        name = study.run_name(arm, lrs[arm], 16, 0)
+        assert study.parse_run_name(name)["arm"] == arm
+    base = {250: 20.0, 500: 16.0, 1000: 12.0, 1500: 10.0, 2000: 9.0}
+    fast = {250: 18.0, 500: 9.0, 1000: 7.0, 1500: 6.0, 2000: 5.0}
+    for seed in study.SEEDS:
+        fake_run(root, study.run_name("ccd", 2e-4, 16, seed), base)
+        fake_run(root, study.run_name("ccd-ayt", 5e-4, 16, seed), fast)
+        fake_run(root, study.run_name("ct", 2e-4, 16, seed), fast)
+        fake_run(root, study.run_name("ct-ayt", 5e-4, 16, seed), base)  # never reaches ct's final 5.0
+        fake_run(root, study.run_name("ayt", 5e-4, 16, seed), base)
+        if seed != 2:
+            fake_run(root, study.run_name("ayt-dae", 5e-4, 16, seed), fast)
+    fam = study.summarize_dataset(root)["family"]
+    assert fam["lr"] == lrs and fam["groups"]["ccd"]["fd_eval_1step"]["mean"] == 9.0
+    ccd = fam["pairs"]["ccd_vs_ccd-ayt"]
+    # ccd-ayt reaches 9.0 between 250 (18) and 500 (9): exactly at 500
+    assert [s["ccd-ayt_iterations_to_reach"] for s in ccd["per_seed"]] == [500.0] * 3
+    assert ccd["speedup"]["mean"] == pytest.approx(4.0)
+    ct = fam["pairs"]["ct_vs_ct-ayt"]
+    assert all(s["ct-ayt_iterations_to_reach"] is None for s in ct["per_seed"]) and "speedup" not in ct
+    dae = fam["pairs"]["ayt_vs_ayt-dae"]
+    assert [s["seed"] for s in dae["per_seed"]] == [0, 1]  # seed 2 has no ayt-dae run
+    assert not fam["complete"]
+    fake_run(root, study.run_name("ayt-dae", 5e-4, 16, 2), fast)
+    assert study.summarize_dataset(root)["family"]["complete"]
+    assert best in study.ECT_ARMS
+
+
+def test_family_driver_runs_every_arm_and_seed_after_the_selection(tmp_path, monkeypatch):
+    root = tmp_path / "shapes"
+    _populate(root)
+    calls, trained = [], []
+    monkeypatch.setattr(study.Study, "train", lambda self, ds, preset, name, over: trained.append(preset))
+    monkeypatch.setattr(study.Study, "ct_run", lambda self, ds, arm, lr, seed, batch=16, control=False:
+                        calls.append((arm, lr, seed, batch, control)))
+    study.Study(tmp_path, workers=2, log=lambda m: None).family("shapes")
+    assert trained == ["mini-dae"]
+    assert sorted(calls) == sorted((a, 2e-4, s, 16, False) for a in study.FAMILY_ARMS for s in study.SEEDS)
+    with pytest.raises(KeyError, match="main protocol first"):
+        study.Study(tmp_path, workers=1, log=lambda m: None).family("photos")
