@@ -4,6 +4,7 @@ directories (the protocol itself runs for hours; its driver is exercised by the 
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -203,3 +204,30 @@ def test_family_driver_runs_every_arm_and_seed_after_the_selection(tmp_path, mon
     assert sorted(calls) == sorted((a, 2e-4, s, 16, False) for a in study.FAMILY_ARMS for s in study.SEEDS)
     with pytest.raises(KeyError, match="main protocol first"):
         study.Study(tmp_path, workers=1, log=lambda m: None).family("photos")
+
+
+def test_study_time_benchmark_reads_runs_and_driver_logs(tmp_path):
+    """benchmarks/study_time.py: per-run training/evaluation seconds from results.json, resumed runs
+    flagged, and each driver invocation's span and finished jobs from its "done" lines."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import study_time
+    root = tmp_path / "shapes"
+    fake_run(root, study.run_name("ayt", 2e-4, 16, 0), {1000: 5.0, 2000: 4.0})
+    res = root / study.run_name("ayt", 2e-4, 16, 0) / "results.json"
+    d = json.loads(res.read_text())
+    d["train"]["started_at_iteration"] = 750
+    for r in d["eval"]:
+        r["seconds"] = 2.5
+    res.write_text(json.dumps(d))
+    fake_run(root, "mini-diffusion", {})
+    t = study_time.dataset_times(root)
+    assert set(t["shared"]) == {"mini-diffusion"} and len(t["runs"]) == 1
+    assert t["totals"] == {"jobs": 2, "train_s": 20.0, "eval_s": 10.0, "single_core_hours": round(30 / 3600, 2),
+                           "resumed_runs": [study.run_name("ayt", 2e-4, 16, 0)]}
+    log = tmp_path / "driver.log"
+    log.write_text("[study 0m00s] start  shapes/a  (log x)\n[study 1h02m03s] done   shapes/a  in 1h01m00s  (log x)\n"
+                   "[study 1h05m00s] done   shapes/a evaluation  in 0m59s  (log x)\n")
+    assert study_time.driver_times(log) == {"log": str(log), "span_s": 3900, "jobs_done": 2,
+                                            "jobs": {"shapes/a": 3660, "shapes/a evaluation": 59}}
+    assert study_time.main(["--run-root", str(tmp_path), "--driver-log", str(log), "--out", str(tmp_path / "o.json")]) == 0
+    assert json.loads((tmp_path / "o.json").read_text())["datasets"]["shapes"]["totals"]["jobs"] == 2
