@@ -25,7 +25,8 @@ test: setup
 	$(PY) -m pytest -q
 
 # The CPU mini study v2 (docs/mini-study.md; about 4 hours on 2 cores, resumable), then every figure
-# from its run directories. Only `figures` writes into figures/ (notebooks default to runs/notebooks/).
+# from its run directories, with the summaries the README quotes (figures/mini-study.json, figures/tangent-study.json).
+# Only `figures` writes into figures/ (notebooks default to runs/notebooks/).
 STUDY_ROOT ?= runs/study
 mini-study: setup
 	$(PY) -m ayt study --run-root $(STUDY_ROOT)
@@ -33,10 +34,12 @@ mini-study: setup
 
 figures: setup
 	$(PY) -m ayt notebook notebooks/01_feature_network.ipynb -p feature_net $(STUDY_ROOT)/shapes/mini-feature-net -p figures_dir figures
-	$(PY) -m ayt notebook notebooks/04_tangent_oscillation.ipynb -p study_root $(STUDY_ROOT) -p figures_dir figures
+	$(PY) -m ayt notebook notebooks/04_tangent_oscillation.ipynb -p study_root $(STUDY_ROOT) -p run_root $(STUDY_ROOT)/disk \
+		-p out_dir $(STUDY_ROOT)/tangents -p figures_dir figures
 	$(PY) -m ayt notebook notebooks/05_paper_figures.ipynb -p study_root $(STUDY_ROOT) -p figures_dir figures
 	$(PY) -m ayt study --run-root $(STUDY_ROOT) --sample-figures figures
 	cp $(STUDY_ROOT)/mini-study.json figures/mini-study.json
+	cp $(STUDY_ROOT)/tangents/results.json figures/tangent-study.json
 
 # Paper scale (GPUs; set NPROC). Needs CIFAR-10 (data.download=true) and EDM's checkpoint (downloaded once).
 NPROC ?= 8
