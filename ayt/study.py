@@ -444,6 +444,91 @@ def summarize(root: Path, datasets=DATASETS) -> dict:
                                                if (Path(root) / ds).is_dir()}}
 
 
+GROUP_LABELS = {"ayt": "AYT", "ect": "better ECT", "control": "control (AYT, untrained phi)",
+                "ect_bs64": f"better ECT, batch {BIG_BATCH}", "ccd": "CCD", "ccd-ayt": "CCD-AYT", "ct": "CT",
+                "ct-ayt": "CT-AYT", "ayt-dae": "AYT, autoencoder phi"}
+
+
+def _cell(stats: Optional[dict], fmt: str = "{:.2f}") -> str:
+    if not stats:
+        return "-"
+    if stats["seeds"] == 1:
+        return fmt.format(stats["mean"])
+    return f"{fmt.format(stats['mean'])} ({fmt.format(stats['min'])}-{fmt.format(stats['max'])})"
+
+
+def _score_table(groups: dict, iters_of) -> list[str]:
+    cols = [("fd_eval_1step", "{:.2f}"), ("fd_eval_2step", "{:.2f}"), ("swd_1step", "{:.1f}"),
+            ("precision_1step", "{:.2f}"), ("recall_1step", "{:.2f}")]
+    out = ["| run | seeds | iterations | FD_eval 1-step | FD_eval 2-step | SWD 1-step | precision | recall |",
+           "|---|---|---|---|---|---|---|---|"]
+    for k, g in groups.items():
+        n = max((g[c]["seeds"] for c, _ in cols if c in g), default=0)
+        out.append(f"| {GROUP_LABELS.get(k, k)} | {n} | {iters_of(k)} | "
+                   + " | ".join(_cell(g.get(c), f) for c, f in cols) + " |")
+    return out
+
+
+def _reach_line(name: str, r: dict, base: str, new: str) -> str:
+    seeds = [s for s in r.get("per_seed", [])]
+    if not seeds:
+        return f"- {name}: no seed has both runs evaluated yet."
+    b, n = GROUP_LABELS[base], GROUP_LABELS[new]
+    if "speedup" not in r:
+        got = sum(s["speedup"] is not None for s in seeds)
+        return f"- {name}: {n} reaches the final 1-step FD_eval of {b} on {got} of {len(seeds)} seeds within {ITERS} iterations."
+    it = r[f"{new}_iterations_to_reach"]
+    return (f"- {name}: {n} reaches the final 1-step FD_eval of {b} "
+            f"({_cell(_stats([s[f'{base}_final'] for s in seeds]))}) after {_cell(it, '{:.0f}')} iterations, "
+            f"{_cell(r['speedup'])}x fewer than {ITERS}.")
+
+
+def report_markdown(summary: dict) -> str:
+    """The summary as the README's Markdown (tables of scores, mean and min-max over seeds), so that every
+    number the README quotes is rendered from the committed JSON (`python -m ayt study --report`)."""
+    lines: list[str] = []
+    for ds, d in summary.get("datasets", {}).items():
+        lines.append(f"**{ds}**" + ("" if d.get("complete") else " (incomplete: runs still missing)"))
+        lines.append("")
+        for name, fn in d.get("feature_nets", {}).items():
+            if "verdict" in fn:
+                v = fn["verdict"]
+                lines.append(f"- feature net `{name}`: R^2 >= {v['threshold']} on {', '.join(v['labels_above']) or 'no label'} "
+                             f"({'learned' if v['learned'] else 'did NOT learn'}; best R^2 "
+                             + ", ".join(f"{k} {x:.2f}" for k, x in sorted(fn["r2"].items(), key=lambda kv: -kv[1])[:4]) + ")")
+            elif "rmse" in fn:
+                lines.append(f"- autoencoder `{name}`: reconstruction RMSE by noise sigma "
+                             + ", ".join(f"{k}: {x:.3f}" for k, x in fn["rmse"].items()))
+        sel = d.get("selection", {})
+        for arm, s in sel.items():
+            scores = ", ".join(f"{lr}: {v:.2f}" for lr, v in s["scores"].items())
+            lines.append(f"- selection, {ARM_LABELS.get(arm, arm)}: {scores}; pick {s['pick']:g}"
+                         + (f" (at the {s['edge']} edge)" if s.get("edge") else ""))
+        if "better_ect" in d:
+            lines.append(f"- better ECT: {ARM_LABELS[d['better_ect']]}")
+        fl = d.get("ect_flattening")
+        if fl:
+            lines.append(f"- ECT's 1-step FD_eval changes by {100 * fl['relative_change']:.1f}% from iteration "
+                         f"{fl['from']} to {fl['to']}: {'flattened' if fl['flattened'] else 'NOT flattened'} "
+                         f"(criterion: < {100 * fl['tolerance']:.0f}%)")
+        if "headline" in d:
+            lines.append(_reach_line("headline", d["headline"], "ect", "ayt"))
+        bc = d.get("batch_claim")
+        if bc:
+            lines.append(f"- batch claim at iteration {bc['iteration']}: AYT at batch 16 {_cell(bc['ayt_bs16'])}, "
+                         f"better ECT at batch {BIG_BATCH} {_cell(bc['ect_bs64'])} (1-step FD_eval)")
+        if d.get("groups"):
+            lines += ["", *_score_table(d["groups"], lambda k: BIG_BATCH_ITERS if k == "ect_bs64" else ITERS)]
+        fam = d.get("family")
+        if fam:
+            lines += ["", f"*Family arms* ({'complete' if fam['complete'] else 'incomplete'}; learning rates "
+                      + ", ".join(f"{a} {lr:g}" for a, lr in fam["lr"].items()) + ")", ""]
+            lines += [_reach_line(f"{b} vs {c}", fam["pairs"][f"{b}_vs_{c}"], b, c) for b, c in FAMILY_PAIRS]
+            lines += ["", *_score_table(fam["groups"], lambda k: ITERS)]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def write_summary(root: Path, summary: dict) -> Path:
     path = Path(root) / "mini-study.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -529,6 +614,7 @@ def main(argv=None) -> int:
                     help="after the main protocol, also run the family arms: CCD vs CCD-AYT, CT vs CT-AYT, AYT with "
                          "autoencoder vs VGG features (about 2.5 more hours per dataset on 2 CPU cores)")
     ap.add_argument("--summary-only", action="store_true", help="only rebuild mini-study.json from the run directories")
+    ap.add_argument("--report", metavar="SUMMARY", help="only print a summary JSON as the README's Markdown tables")
     ap.add_argument("--sample-figures", metavar="DIR", help="only write sample grids of the chosen runs to DIR")
     ap.add_argument("--build-evaluator", metavar="DATASET", help=argparse.SUPPRESS)  # used by the driver
     args = ap.parse_args(argv)
@@ -539,6 +625,9 @@ def main(argv=None) -> int:
         ap.error(f"unknown dataset(s) {unknown}; known: {', '.join(DATASETS)}")
     if args.build_evaluator:
         print(f"[study] evaluator ready: {build_evaluator(root, args.build_evaluator, args.device)}", flush=True)
+        return 0
+    if args.report:
+        print(report_markdown(json.loads(Path(args.report).read_text())), end="")
         return 0
     if args.sample_figures:
         for p in sample_figures(root, Path(args.sample_figures)):

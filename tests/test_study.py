@@ -231,3 +231,34 @@ def test_study_time_benchmark_reads_runs_and_driver_logs(tmp_path):
                                             "jobs": {"shapes/a": 3660, "shapes/a evaluation": 59}}
     assert study_time.main(["--run-root", str(tmp_path), "--driver-log", str(log), "--out", str(tmp_path / "o.json")]) == 0
     assert json.loads((tmp_path / "o.json").read_text())["datasets"]["shapes"]["totals"]["jobs"] == 2
+
+
+def test_report_renders_every_headline_number(tmp_path):
+    root = tmp_path / "shapes"
+    _populate(root)
+    for seed in study.SEEDS:
+        for arm in study.FAMILY_ARMS:
+            fake_run(root, study.run_name(arm, 2e-4, 16, seed), {1000: 12.0, 2000: 9.0})
+    md = study.report_markdown(study.summarize(tmp_path, ("shapes",)))
+    assert md.startswith("**shapes**\n")  # complete: no "incomplete" mark
+    assert "- selection, AYT: 0.0001: 5.00, 0.0002: 4.00, 0.0005: 7.00; pick 0.0002\n" in md
+    assert "AYT reaches the final 1-step FD_eval of better ECT (9.50 (9.50-9.50)) after 812 (812-812) iterations" in md
+    assert "changes by 5.0% from iteration 1500 to 2000: flattened" in md
+    assert "AYT at batch 16 8.00 (8.00-8.00), better ECT at batch 64 10.00 (10.00-10.00)" in md
+    assert "| AYT | 3 | 2000 | 4.00 (4.00-4.00) | 2.00 (2.00-2.00) | 1.0 (1.0-1.0) | 0.50 (0.50-0.50) |" in md
+    assert "| better ECT, batch 64 | 3 | 1000 | 10.00 (10.00-10.00) |" in md
+    # family: ccd-ayt equals ccd (9.0 at 2000): reached at 2000 exactly, speed-up 1; ayt-dae never reaches AYT's 4.0
+    assert "- ccd vs ccd-ayt: CCD-AYT reaches the final 1-step FD_eval of CCD (9.00 (9.00-9.00)) after 2000" in md
+    assert "- ayt vs ayt-dae: AYT, autoencoder phi reaches the final 1-step FD_eval of AYT on 0 of 3 seeds" in md
+    assert "| CT-AYT | 3 | 2000 | 9.00 (9.00-9.00) |" in md
+
+
+def test_readme_study_numbers_are_the_committed_summary():
+    """The README's study block is `python -m ayt study --report figures/mini-study.json`, verbatim."""
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    start, end = "<!-- study-report: python -m ayt study --report figures/mini-study.json -->\n", "<!-- /study-report -->"
+    assert start in readme and end in readme
+    block = readme.split(start, 1)[1].split(end, 1)[0]
+    summary = json.loads((repo / "figures" / "mini-study.json").read_text())
+    assert block == study.report_markdown(summary)
