@@ -36,7 +36,8 @@ figures: setup
 	$(PY) -m ayt notebook notebooks/01_feature_network.ipynb -p feature_net $(STUDY_ROOT)/shapes/mini-feature-net -p figures_dir figures
 	$(PY) -m ayt notebook notebooks/04_tangent_oscillation.ipynb -p study_root $(STUDY_ROOT) -p run_root $(STUDY_ROOT)/disk \
 		-p out_dir $(STUDY_ROOT)/tangents -p figures_dir figures
-	$(PY) -m ayt notebook notebooks/05_paper_figures.ipynb -p study_root $(STUDY_ROOT) -p figures_dir figures
+	$(PY) -m ayt notebook notebooks/05_paper_figures.ipynb -p study_root $(STUDY_ROOT) -p tangent_dir $(STUDY_ROOT)/tangents \
+		-p figures_dir figures
 	$(PY) -m ayt study --run-root $(STUDY_ROOT) --sample-figures figures
 	cp $(STUDY_ROOT)/mini-study.json figures/mini-study.json
 	cp $(STUDY_ROOT)/tangents/results.json figures/tangent-study.json

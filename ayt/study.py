@@ -79,6 +79,11 @@ FAMILY_LR_FROM = {"ccd": "ect", "ccd-ayt": "ayt", "ct": "ect", "ct-ayt": "ayt", 
 # (baseline, challenger): the summary reports the iterations the challenger needs to reach the baseline.
 FAMILY_PAIRS = (("ccd", "ccd-ayt"), ("ct", "ct-ayt"), ("ayt", "ayt-dae"))
 ALL_ARMS = {**ARMS, **FAMILY_ARMS}
+# Labels of the arms (figures) and of the summary's groups (report tables).
+ARM_LABELS = {"ayt": "AYT", "ect-fine": "ECT (q=256)", "ect-official": "ECT (official schedule)"}
+GROUP_LABELS = {"ayt": "AYT", "ect": "better ECT", "control": "control (AYT, untrained phi)",
+                "ect_bs64": f"better ECT, batch {BIG_BATCH}", "ccd": "CCD", "ccd-ayt": "CCD-AYT", "ct": "CT",
+                "ct-ayt": "CT-AYT", "ayt-dae": "AYT, autoencoder phi"}
 
 
 @dataclasses.dataclass
@@ -444,11 +449,6 @@ def summarize(root: Path, datasets=DATASETS) -> dict:
                                                if (Path(root) / ds).is_dir()}}
 
 
-GROUP_LABELS = {"ayt": "AYT", "ect": "better ECT", "control": "control (AYT, untrained phi)",
-                "ect_bs64": f"better ECT, batch {BIG_BATCH}", "ccd": "CCD", "ccd-ayt": "CCD-AYT", "ct": "CT",
-                "ct-ayt": "CT-AYT", "ayt-dae": "AYT, autoencoder phi"}
-
-
 def _cell(stats: Optional[dict], fmt: str = "{:.2f}") -> str:
     if not stats:
         return "-"
@@ -547,25 +547,26 @@ def chosen_runs(ds_root: Path, seed: int = 0) -> dict[str, Path]:
     return {k: p for k, p in runs.items() if _trained(p)}
 
 
-ARM_LABELS = {"ayt": "AYT", "ect-fine": "ECT (q=256)", "ect-official": "ECT (official schedule)"}
-
-
-def figure_runs(ds_root: Path, sampler: str = "1step") -> list[dict]:
+def figure_runs(ds_root: Path, sampler: str = "1step", family: bool = False) -> list[dict]:
     """The reporting runs of one dataset as `ayt.plotting.describe_run` dicts, labelled by arm (the control
     as 'AYT (untrained phi)'), for `plotting.metric_vs_iterations`: AYT, the better ECT and the control at
-    batch 16, the better ECT at batch 64."""
+    batch 16, the better ECT at batch 64; with `family`, the family arms and AYT instead."""
     from .plotting import describe_run
     sel = selection(Path(ds_root))
     if "ayt" not in sel or not any(a in sel for a in ECT_ARMS):
         return []
     ect = better_ect(sel)
-    wanted = {("ayt", sel["ayt"]["pick"], False), (ect, sel[ect]["pick"], False), ("ayt", sel["ayt"]["pick"], True)}
+    if family:
+        wanted = {("ayt", sel["ayt"]["pick"], False), *((a, lr, False) for a, lr in family_lrs(sel).items())}
+    else:
+        wanted = {("ayt", sel["ayt"]["pick"], False), (ect, sel[ect]["pick"], False), ("ayt", sel["ayt"]["pick"], True)}
     out = []
     for name, m in _runs(Path(ds_root)).items():
         if m["seed"] in SEEDS and (m["arm"], m["lr"], m["control"]) in wanted:
             info = describe_run(Path(ds_root) / name, sampler, METRIC)
             if info and info["curve"]:
-                info["method"] = "AYT (untrained phi)" if m["control"] else ARM_LABELS[m["arm"]]
+                info["method"] = ("AYT (untrained phi)" if m["control"] else
+                                  ARM_LABELS.get(m["arm"]) or GROUP_LABELS[m["arm"]])
                 out.append(info)
     return out
 

@@ -149,6 +149,16 @@ def test_figure_runs_label_the_reporting_arms(tmp_path):
     assert all(r["seed"] in study.SEEDS for r in runs) and len(runs) == 12  # no selection-seed run
     assert best == "ect-official"
     assert study.chosen_runs(tmp_path / "nothing") == {}
+    assert [r["method"] for r in study.figure_runs(root, family=True)] == ["AYT"] * 3  # no family run yet
+    for seed in study.SEEDS:
+        for arm in study.FAMILY_ARMS:
+            run = fake_run(root, study.run_name(arm, 2e-4, 16, seed), {1000: 12.0, 2000: 9.0})
+            (run / "config.json").write_text(json.dumps({
+                "stage": "consistency", "ct": {"mode": "ect", "feature_net": None}, "batch": 16,
+                "optim": {"lr": 2e-4}, "seed": seed, "iters": 2000, "data": {"name": "shapes", "resolution": 16}}))
+    fam = study.figure_runs(root, family=True)
+    assert sorted({r["method"] for r in fam}) == ["AYT", "AYT, autoencoder phi", "CCD", "CCD-AYT", "CT", "CT-AYT"]
+    assert len(fam) == 18 and len(study.figure_runs(root)) == 12  # the main figure is unchanged
 
 
 def test_family_runs_borrow_the_picks_and_pair_up(tmp_path):
