@@ -15,7 +15,8 @@ from .consistency import (TRSchedule, consistency_forward, consistency_sample, e
 from .features import build_feature_net, freeze
 from .losses import MFD, direction_surrogate, distance_direction, mfd, pseudo_huber
 from .networks import EDMPrecond, build_network, load_edm_checkpoint
-from .train import load_run_model, train
+from .runs import load_run_model
+from .train import train
 
 __all__ = [
     "AUG_SETS", "AugmentPipe", "PRESETS", "TrainConfig", "make_config", "TRSchedule", "consistency_forward",

@@ -82,7 +82,8 @@ def cmd_demo(args) -> int:
     """The whole pipeline on the built-in shapes data: a feature net that learns, diffusion pretraining,
     then ECT and AYT tuning from the same teacher, scored side by side."""
     from .evaluate import EvalConfig, evaluate_run
-    from .train import train, warn_if_feature_net_untrained
+    from .runs import warn_if_feature_net_untrained
+    from .train import train
     t0 = time.time()
     runs = {}
     for preset in DEMO_STAGES:
@@ -108,7 +109,7 @@ def cmd_sample(args) -> int:
     import torch
     import torchvision
     from .sampling import generate
-    from .train import load_run_model
+    from .runs import load_run_model
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net, cfg, state = load_run_model(args.run, "ema", device)
     if cfg.stage == "feature":

@@ -49,7 +49,9 @@ from torch import Tensor
 
 from . import checkpoint as ck
 from . import consistency as C
-from .losses import distance_direction
+from .config import from_dict
+from .losses import MFD, distance_direction
+from .runs import build_dataset, build_diffusion_net, load_feature_net
 
 __all__ = [
     "consistency_pair", "discrete_tangent", "continuous_tangent", "cm_update_direction", "ayt_tangent", "tangent_grid",
@@ -427,8 +429,6 @@ class _NetLoader:
         self.which, self.device, self.net, self.key = which, torch.device(device), None, None
 
     def __call__(self, path: Path) -> tuple[torch.nn.Module, dict]:
-        from .config import from_dict
-        from .train import build_diffusion_net
         _, state = ck.load_run_checkpoint(path, self.which)
         cfg = from_dict(state["config"])
         if cfg.stage == "feature":
@@ -487,7 +487,6 @@ def _mean(v: Tensor) -> float:
 
 def _run_configs(run_dirs: dict[str, Union[str, Path]], data_name: str) -> dict:
     """{label: TrainConfig} of consistency runs on one data set (same data settings), else ValueError."""
-    from .config import from_dict
     if not run_dirs:
         raise ValueError("the study needs at least one run directory")
     cfgs = {}
@@ -507,8 +506,6 @@ def _run_configs(run_dirs: dict[str, Union[str, Path]], data_name: str) -> dict:
 def _study_distance(cfgs: dict, feature_net: Optional[Union[str, Path]], resolution: int, channels: int,
                     device: torch.device) -> tuple[Callable, str]:
     """The MFD of `feature_net` (default: the ct.feature_net of the first run that names one)."""
-    from .losses import MFD
-    from .train import load_feature_net
     with_net = [c.ct for c in cfgs.values() if c.ct.feature_net]
     if feature_net is None:
         if not with_net:
@@ -543,7 +540,6 @@ def tangent_study(run_dirs: dict[str, Union[str, Path]], x_0: Tensor, eps: Tenso
     the last half of the run. Returns a JSON-serialisable dict (floats and lists).
     """
     _check_pair(x_0, eps)
-    from .config import from_dict
     log = log or (lambda s: None)
     n, dim = x_0.shape[0], x_0[0].numel()
     keys = [f"{t:g}" for t in ts]
@@ -629,7 +625,6 @@ def disk_study(run_dirs: dict[str, Union[str, Path]], ts: Sequence[float] = DEFA
     (default: the runs' ct.feature_net), for every run (also ECT's). A random direction has tangent
     fraction 2/D in expectation.
     """
-    from .train import build_dataset
     device = torch.device(device)
     cfgs = _run_configs(run_dirs, "disk")
     ds = build_dataset(next(iter(cfgs.values())))
@@ -657,7 +652,6 @@ def shapes_study(run_dirs: dict[str, Union[str, Path]], ts: Sequence[float] = DE
     is computed, so there are no toward-manifold cosines; the basis is that at x_0, which is the
     tangent space at the output only where f(x_t, t) is close to x_0 (small t).
     """
-    from .train import build_dataset
     device = torch.device(device)
     cfgs = _run_configs(run_dirs, "shapes")
     ds = build_dataset(next(iter(cfgs.values())))

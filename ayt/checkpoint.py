@@ -505,7 +505,7 @@ def run_disk_use(cfg, img_channels: int = 3, label_dim: int = 0) -> dict:
     a snapshot every snapshot_every iterations) and with every full checkpoint kept (keep_last=0)."""
     from .augment import AUG_SETS
     from .features import build_feature_net
-    from .train import build_diffusion_net
+    from .runs import build_diffusion_net  # in the function: ayt.runs imports this module
     with torch.device("meta"):
         if cfg.stage == "feature":
             net = build_feature_net(cfg.feature.arch, resolution=cfg.data.resolution, in_channels=img_channels,

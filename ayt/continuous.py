@@ -40,7 +40,11 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import checkpoint as ck
 from . import consistency as C
+from .config import from_dict
+from .networks import load_edm_checkpoint, load_into
+from .runs import EDM_PRETRAINED, build_diffusion_net, load_feature_net, read_ayt_checkpoint, resolve_pretrained
 
 CONTINUOUS_MODES = ("ccd", "ccd-ayt", "cct", "cct-ayt")
 TEACHER_MODES = ("ccd", "ccd-ayt")
@@ -338,17 +342,13 @@ def load_teacher(path: str, cfg, img_channels: int, label_dim: int) -> nn.Module
     resolution, channel count or label dimension, weights that do not fit) or FileNotFoundError before
     any training.
     """
-    from . import checkpoint as ck
-    from .config import from_dict
-    from .networks import load_edm_checkpoint, load_into
-    from .train import EDM_PRETRAINED, _read_ayt_checkpoint, _resolve_pretrained, build_diffusion_net
     what = f"continuous.teacher={path}"
     if not Path(path).exists() and Path(path).name not in EDM_PRETRAINED:
         raise FileNotFoundError(f"{what}: no such run directory or file. CCD distils a trained diffusion model: "
                                 "give its run directory (stage=diffusion), an ayt checkpoint or an EDM .pkl")
-    p = _resolve_pretrained(path)
+    p = resolve_pretrained(path)
     try:
-        ckpt = _read_ayt_checkpoint(p) if p.is_dir() or p.suffix == ".pt" else None
+        ckpt = read_ayt_checkpoint(p) if p.is_dir() or p.suffix == ".pt" else None
     except ck.CheckpointError as e:
         raise TeacherError(f"{what}: {e}") from e
     here = f"this run has {cfg.data.resolution} px, {img_channels} channels, label_dim {label_dim}"
@@ -387,7 +387,6 @@ def load_teacher(path: str, cfg, img_channels: int, label_dim: int) -> nn.Module
 
 def build_continuous_objective(cfg, img_channels: int, label_dim: int, device: torch.device) -> ContinuousObjective:
     """The objective of a run with ct.mode in CONTINUOUS_MODES (teacher and feature net loaded and checked)."""
-    from .train import load_feature_net
     ct, co = cfg.ct, cfg.continuous
     denoiser = phi = adaptive = None
     if ct.mode in TEACHER_MODES:

@@ -29,6 +29,7 @@ from . import checkpoint as ck
 from . import fid
 from .config import TrainConfig
 from .progress import Progress, counting
+from .runs import build_dataset, load_run_model
 from .sampling import batch_seed, denoise_batch, sampler
 
 METRICS = ("auto", "fid", "fd_eval", "swd")
@@ -149,7 +150,6 @@ def reference_dataset(cfg: TrainConfig, train_dataset) -> tuple[object, str]:
     (photos: the held-out strip, same size and seed as the training crops; cifar10 / mnist /
     fashion-mnist: the test set), else the training data itself. Returns (dataset, description)."""
     from .data import SPLIT_DATASETS
-    from .train import build_dataset
     if cfg.data.name in SPLIT_DATASETS and cfg.data.split == "train":
         return build_dataset(_data_variant(cfg, split="test")), f"{cfg.data.name} test split"
     return train_dataset, f"{cfg.data.name} {cfg.data.split} split" + (
@@ -264,7 +264,6 @@ class FeatureSpace:
 
     def __init__(self, cfg: TrainConfig, ecfg: EvalConfig, device, dataset=None,
                  log: Optional[Callable[[str], None]] = None):
-        from .train import build_dataset
         self.cfg, self.ecfg, self.device = cfg, ecfg, device
         self.dataset = dataset if dataset is not None else build_dataset(cfg)  # training data (dFID, FID ref)
         self.metric, self.reason = choose_metric(cfg, ecfg, self.dataset)
@@ -391,7 +390,6 @@ def evaluate_checkpoint(path, ecfg: EvalConfig, space: Optional[FeatureSpace] = 
     """Records for one checkpoint: for each sampler (1-step, 2-step; Heun for diffusion runs) the
     metric over `runs` sampling runs, and dFID at each sigma (consistency runs). bar: counts the
     samples drawn (and their features extracted)."""
-    from .train import load_run_model
     device = torch.device(ecfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net, cfg, state = load_run_model(path, "ema", device)
     if cfg.stage == "feature":
@@ -525,7 +523,6 @@ def make_eval_hook(cfg: TrainConfig, n: Optional[int] = None, dataset=None) -> C
     """The in-training evaluation: the 1-step metric (auto, no extras) of the EMA network on
     cfg.eval_samples samples. The metric is chosen now (``hook.reason`` says which and why); the
     feature space (and an FD_eval evaluator, if one must be trained) is built at the first call."""
-    from .train import build_dataset
     ecfg = EvalConfig(n=n or cfg.eval_samples, runs=1, steps=(1,), dfid_sigmas=(), extras=False, device=cfg.device)
     dataset = dataset if dataset is not None else build_dataset(cfg)
     state: dict = {}

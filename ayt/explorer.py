@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Optional, Sequence, Union
 
 from .notebook import LoadedCheckpoint, load_checkpoint, run_distance, samples_from, tangent_grid_at
+from .runs import build_dataset
 
 PathLike = Union[str, Path]
 T_CHOICES = (0.01, 0.1, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 40.0, 80.0)   # the paper's tangent figure's t
@@ -76,14 +77,13 @@ def tangent_rows(loaded: LoadedCheckpoint, dataset, distance, t: float = 1.0, se
 def explore_panels_from(loaded: LoadedCheckpoint, dataset, distance, t: float = 1.0, seed: int = 0,
                         steps: int = 1, n: int = 8) -> dict:
     """The explorer's rows for a loaded consistency network: {label: [n, C, H, W]} (see the module doc).
-    dataset: the run's training data (`ayt.train.build_dataset`); distance: `ayt.notebook.run_distance`."""
+    dataset: the run's training data (`ayt.runs.build_dataset`); distance: `ayt.notebook.run_distance`."""
     return {**sample_rows(loaded, seed, steps, n), **tangent_rows(loaded, dataset, distance, t, seed, n)}
 
 
 def explore_panels(run_dir: PathLike, iteration: Optional[int] = None, t: float = 1.0, seed: int = 0,
                    steps: int = 1, n: int = 8, device: Optional[str] = None) -> dict:
     """`explore_panels_from` for a run directory at checkpoint `iteration` (None or < 0: the latest)."""
-    from .train import build_dataset
     loaded = load_checkpoint(run_dir, iteration, "ema", device)
     if loaded.cfg.stage != "consistency":
         raise ValueError(f"{run_dir} is a {loaded.cfg.stage!r} run; the explorer needs a consistency run")
@@ -185,7 +185,6 @@ class Explorer:
     # -- drawing ---------------------------------------------------------------------------------
 
     def _loaded(self, run: str, iteration: int) -> tuple[LoadedCheckpoint, Any, Any]:
-        from .train import build_dataset
         key = (str(Path(run).resolve()), int(iteration))
         loaded = self.models.get(key, lambda: self.loader(run, iteration, "ema", self.device))
         if loaded.cfg.stage != "consistency":

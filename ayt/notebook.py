@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+from .runs import build_dataset, load_feature_net, load_run_model
+
 PathLike = Union[str, Path]
 
 
@@ -132,10 +134,9 @@ class LoadedCheckpoint:
 
 def load_checkpoint(run_dir: PathLike, iteration: Optional[int] = None, which: str = "ema",
                     device: Optional[str] = None) -> LoadedCheckpoint:
-    """`ayt.train.load_run_model` of the run's checkpoint at `iteration` (None or < 0: the newest
+    """`ayt.runs.load_run_model` of the run's checkpoint at `iteration` (None or < 0: the newest
     readable one, falling back past unreadable files); keeps only the network and the checkpoint's
     small fields (not the optimiser state)."""
-    from .train import load_run_model
     dev = _device(device)
     latest = iteration is None or iteration < 0
     path = run_dir if latest else find_checkpoint(run_dir, iteration, which)[1]
@@ -169,7 +170,6 @@ def augmentation_predictions(feature_run: PathLike, n: int = 6, p: Optional[floa
     'label_names'} (images [n, C, H, W] in [-1, 1], labels/preds [n, L], CPU)."""
     import torch
     from .augment import AugmentPipe
-    from .train import build_dataset, load_run_model
     dev = _device(device)
     net, cfg, _ = load_run_model(feature_run, "model", dev)
     if cfg.stage != "feature":
@@ -189,7 +189,6 @@ def augmentation_predictions(feature_run: PathLike, n: int = 6, p: Optional[floa
 def run_distance(cfg, img_channels: int, device):
     """The MFD of the run's feature net (None when the run names none or it does not exist)."""
     from .losses import MFD
-    from .train import load_feature_net
     fn = cfg.ct.feature_net
     if not fn or not Path(fn).exists():
         return None
@@ -224,7 +223,6 @@ def tangent_grid_for_run(run_dir: PathLike, ts: Sequence[float], n: int = 1, ind
                          iteration: Optional[int] = None, which: str = "ema", device: Optional[str] = None) -> dict:
     """`tangent_grid_at` for a run directory: its checkpoint at `iteration` (default: the latest), its
     training data and the MFD of its feature net when it has one."""
-    from .train import build_dataset
     loaded = load_checkpoint(run_dir, iteration, which, device)
     if loaded.cfg.stage != "consistency":
         raise ValueError(f"{run_dir} is a {loaded.cfg.stage!r} run; the tangent grid needs a consistency run")

@@ -385,7 +385,7 @@ def summarize_family(ds_root: Path, sel: dict, ayt_group: dict[int, Path]) -> Op
 def feature_net_quality(ds_root: Path) -> dict:
     """What the shared feature networks learned, from their results.json: per-label R^2 and the verdict of
     the trained VGG (recomputed under today's rule), reconstruction RMSE by noise level of the autoencoder."""
-    from .train import feature_net_verdict
+    from .runs import feature_net_verdict
     out = {}
     for name in ("mini-feature-net", "mini-dae"):
         res = ds_root / name / "results.json"
@@ -577,7 +577,7 @@ def sample_figures(root: Path, figures_dir: Path, n: int = 64, seed: int = 0) ->
     import torch
     from .plotting import sample_grid, sample_title, save_figure
     from .sampling import generate
-    from .train import load_run_model
+    from .runs import load_run_model
     out = []
     for ds in DATASETS:
         for method, run in chosen_runs(Path(root) / ds).items():

@@ -16,9 +16,7 @@ import dataclasses
 import datetime
 import functools
 import json
-import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -30,16 +28,12 @@ import torch.distributed as dist
 from . import checkpoint as ck
 from . import consistency as C
 from .config import ConfigError, TrainConfig, diff_settings, from_dict, to_dict
+from .evaluate import make_eval_hook
 from .objectives import ConsistencyObjective, DiffusionObjective, FeatureObjective
 from .progress import fmt_time as _fmt_time
+from .runs import (build_dataset, build_diffusion_net, feature_net_verdict, feature_net_verdict_line,
+                   load_feature_net, load_init_weights)
 from .tracking import check_available, open_tracker, train_scalars
-
-# EDM's released checkpoints (Karras et al. 2022), downloaded on demand when net.init names one.
-EDM_PRETRAINED_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
-EDM_PRETRAINED = ("edm-cifar10-32x32-uncond-vp.pkl", "edm-cifar10-32x32-cond-vp.pkl",
-                  "edm-cifar10-32x32-uncond-ve.pkl", "edm-imagenet-64x64-cond-adm.pkl",
-                  "edm-ffhq-64x64-uncond-vp.pkl", "edm-afhqv2-64x64-uncond-vp.pkl")
-
 
 # ----------------------------------------------------------------------------------------------
 # Distributed setup
@@ -136,106 +130,7 @@ def micro_batching(cfg: TrainConfig, world: int) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Building the pieces of a run from its config
-
-def build_dataset(cfg: TrainConfig):
-    from .data import dataset_kwargs, get_dataset
-    d = cfg.data
-    ds = get_dataset(**dataset_kwargs(d))
-    if ds.resolution != d.resolution:
-        raise ConfigError(f"data.resolution={d.resolution} but the dataset {d.name!r} has {ds.resolution}x{ds.resolution} images")
-    return ds
-
-
-def build_diffusion_net(cfg: TrainConfig, img_channels: int, label_dim: int) -> torch.nn.Module:
-    from .networks import NETWORK_CONFIGS, build_network
-    if cfg.net.arch not in NETWORK_CONFIGS:
-        raise ConfigError(f"unknown net.arch {cfg.net.arch!r}; known: {', '.join(NETWORK_CONFIGS)}")
-    kwargs = dict(NETWORK_CONFIGS[cfg.net.arch])
-    if cfg.net.dropout is not None:
-        kwargs["dropout"] = cfg.net.dropout
-    return build_network(kwargs, img_resolution=cfg.data.resolution, img_channels=img_channels, label_dim=label_dim)
-
-
-def _resolve_pretrained(path: str) -> Path:
-    """A local path, or one of EDM's released checkpoints (downloaded once into data/pretrained/)."""
-    p = Path(path)
-    if p.exists():
-        return p
-    if p.name in EDM_PRETRAINED:
-        dest = Path("data/pretrained") / p.name
-        if dest.exists():
-            return dest
-        url = EDM_PRETRAINED_URL + p.name
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(url, str(dest), progress=False)
-            return dest
-        except Exception as e:
-            raise FileNotFoundError(f"EDM checkpoint {p.name} is not at {p} or {dest} and could not be downloaded "
-                                    f"from {url} ({e}). Download it by hand and pass its path as net.init.") from e
-    raise FileNotFoundError(f"net.init: no such file or run directory: {p}")
-
-
-def load_init_weights(net: torch.nn.Module, path: str) -> str:
-    """Initialise `net` from a run directory / ayt checkpoint (its EMA), an EDM .pkl or a .pt state dict."""
-    from .networks import load_edm_checkpoint, load_into
-    p = _resolve_pretrained(path)
-    ckpt = _read_ayt_checkpoint(p) if p.is_dir() or p.suffix == ".pt" else None
-    if ckpt is not None:
-        stage = ckpt.get("stage") or from_dict(ckpt["config"]).stage
-        if stage == "feature":
-            raise ck.CheckpointError(f"net.init={path} is a feature-network run (stage 'feature'), it does not "
-                                     "match this model. net.init takes a diffusion or consistency run directory, "
-                                     "an ayt checkpoint of one, an EDM .pkl or a .pt state dict; the feature network "
-                                     "goes into ct.feature_net")
-        ck.load_state_dict_strict(net, ckpt["ema"], f"net.init checkpoint {p}")
-        return f"ayt checkpoint {p} (EMA, iteration {ckpt['iteration']})"
-    load_into(net, load_edm_checkpoint(str(p)), strict=True)
-    return f"{p}"
-
-
-def _read_ayt_checkpoint(p: Path) -> Optional[dict]:
-    """A run directory's newest readable checkpoint or snapshot, or the file's checkpoint if it is an ayt
-    checkpoint (else None); the file is read once."""
-    if p.is_dir():
-        return ck.load_run_checkpoint(p, "ema")[1]
-    try:
-        obj = ck.read_torch_file(p)
-    except ck.CheckpointError:
-        return None
-    return ck.check_checkpoint(obj, p) if ck.is_checkpoint(obj) else None
-
-
-def load_feature_net(path: str, arch: str, resolution: int, in_channels: int, num_outputs: int) -> torch.nn.Module:
-    """A frozen feature network phi from a feature run directory / ayt checkpoint (architecture read
-    from its config) or from a plain state dict (e.g. the authors' release; architecture from args)."""
-    from .features import build_feature_net, freeze
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"ct.feature_net: no such run directory or file: {p} "
-                                "(train one first: python -m ayt train --preset <...>-feature-net)")
-    obj = ck.load_run_checkpoint(p, "model")[1] if p.is_dir() else ck.read_torch_file(p)
-    if ck.is_checkpoint(obj):
-        if int(obj.get("iteration", 0)) > 0:  # an iters=0 net is an intended untrained control
-            warn_if_feature_net_untrained(p)
-        ckpt = ck.check_checkpoint(obj, p)
-        if ck.is_snapshot(ckpt):
-            raise ck.CheckpointError(f"ct.feature_net={p} is an EMA-only snapshot; pass the feature run directory "
-                                     "or one of its full checkpoints (checkpoints/ckpt-*.pt)")
-        fcfg = from_dict(ckpt["config"])
-        if fcfg.stage != "feature":
-            raise ck.CheckpointError(f"ct.feature_net={p} is a {fcfg.stage!r} run, not a feature-network run")
-        if fcfg.data.resolution != resolution:
-            raise ConfigError(f"feature net {p} was trained at {fcfg.data.resolution} px; this run is at {resolution} px")
-        phi = build_feature_net(fcfg.feature.arch, resolution=resolution, in_channels=in_channels,
-                                num_outputs=ckpt["num_outputs"])
-        ck.load_state_dict_strict(phi, ckpt["model"], f"feature net {p}")
-    else:
-        phi = build_feature_net(arch, resolution=resolution, in_channels=in_channels, num_outputs=num_outputs)
-        ck.load_state_dict_strict(phi, obj, f"feature-net state dict {p}")
-    return freeze(phi)
-
+# The stage's model and objective (data and networks: ayt.runs)
 
 def build_stage(cfg: TrainConfig, img_channels: int, label_dim: int, device: torch.device):
     """(model, objective, extra checkpoint fields, init note) for the run's stage."""
@@ -596,7 +491,6 @@ def _train(cfg: TrainConfig, d: Dist, resume: bool, eval_fn: Optional[Callable],
         from .diagnostic import build_diagnostic
         diag = build_diagnostic(cfg, objective, ds, d.device, label_dim)
     if eval_fn is None and cfg.eval_every and cfg.stage != "feature":
-        from .evaluate import make_eval_hook
         eval_fn = make_eval_hook(cfg, dataset=ds)
         _log(d, f"[ayt] in-training evaluation every {cfg.eval_every} iterations: {eval_fn.reason}")
     ddp_model = model
@@ -749,24 +643,6 @@ def _print_progress(cfg: TrainConfig, done: int, stats: dict[str, float], rate: 
           + f" | {rate:.2f} it/s | eta {_fmt_time(eta)}" + (f" | {note}" if note else ""), flush=True)
 
 
-def load_run_model(path, which: str = "ema", device="cpu") -> tuple[torch.nn.Module, TrainConfig, dict]:
-    """(network in eval mode, its run config, the checkpoint dict) from a run directory (its newest readable
-    checkpoint or snapshot, see `ayt.checkpoint.load_run_checkpoint`), checkpoint or snapshot file.
-    which: "ema" (what sampling and evaluation use) or "model" (the raw weights; full checkpoints only)."""
-    if which not in ("ema", "model"):
-        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
-    ckpt_path, state = ck.load_run_checkpoint(path, which)
-    cfg = from_dict(state["config"])
-    if cfg.stage == "feature":
-        from .features import build_feature_net
-        net = build_feature_net(cfg.feature.arch, resolution=cfg.data.resolution, in_channels=state["img_channels"],
-                                num_outputs=state["num_outputs"])
-    else:
-        net = build_diffusion_net(cfg, state["img_channels"], state["label_dim"])
-    ck.load_state_dict_strict(net, state[which], f"checkpoint {ckpt_path}")
-    return net.to(device).eval(), cfg, state
-
-
 def save_sample_grid(ema, cfg: TrainConfig, img_channels: int, label_dim: int, path: Path, device) -> torch.Tensor:
     """Write a grid of 64 samples to `path`; returns them [64, C, H, W] in [0, 1]."""
     import torchvision
@@ -797,48 +673,8 @@ def finish_run(cfg: TrainConfig, run_dir: Path, model, ema, ds, device, wall_s: 
         new["feature_net"]["verdict"] = feature_net_verdict(new["feature_net"]["r2"])
         _log(Dist(), "[ayt] feature net R^2 per label: " +
              ", ".join(f"{k} {v:.3f}" for k, v in new["feature_net"]["r2"].items()))
-        _log(Dist(), _verdict_line(new["feature_net"]["verdict"], run_dir))
+        _log(Dist(), feature_net_verdict_line(new["feature_net"]["verdict"], run_dir))
     ck.update_json(run_dir / "results.json", lambda results: results.update(new))
-
-
-# A feature network "learned" when at least LEARNED_LABELS of its labels reach R^2 >= LEARNED_R2 on
-# held-out augmented images (R^2 = 0: no better than predicting the mean label). On the shapes the
-# degradation labels (noise, blur) are learned first and the colour/rotation labels hardly at all (the
-# data already randomises them), so two labels is the bar; a net below it is close to the untrained
-# control arm of the mini study (docs/mini-study.md), which gives no gain over ECT.
-LEARNED_R2, LEARNED_LABELS = 0.5, 2
-
-
-def feature_net_verdict(r2: dict[str, float], threshold: float = LEARNED_R2, min_labels: int = LEARNED_LABELS) -> dict:
-    """{'learned': bool, 'labels_above': [...], 'threshold', 'min_labels'} from per-label R^2 (NaN: label never on)."""
-    above = [k for k, v in r2.items() if v is not None and math.isfinite(v) and v >= threshold]
-    need = min(min_labels, len(r2))
-    return {"learned": len(above) >= need, "labels_above": above, "threshold": threshold, "min_labels": need}
-
-
-def _verdict_line(verdict: dict, where) -> str:
-    above = ", ".join(verdict["labels_above"]) or "none"
-    if verdict["learned"]:
-        return (f"[ayt] feature net {where} learned: {len(verdict['labels_above'])} labels reach R^2 >= "
-                f"{verdict['threshold']} ({above})")
-    return (f"[ayt] WARNING: feature net {where} did NOT learn: only {len(verdict['labels_above'])} label(s) reach "
-            f"R^2 >= {verdict['threshold']} (need {verdict['min_labels']}; {above}). Its MFD gradient is close to an "
-            "untrained network's, which gives no gain over ECT: train it longer (iters) or with a higher "
-            "feature.p before using it for AYT.")
-
-
-def warn_if_feature_net_untrained(path: Path) -> Optional[dict]:
-    """Print the loud warning for a feature run directory whose results.json says it did not learn."""
-    res = Path(path) / "results.json" if Path(path).is_dir() else Path(path).parent.parent / "results.json"
-    if not res.exists():
-        return None
-    fn = json.loads(res.read_text()).get("feature_net")
-    if not fn or "r2" not in fn:
-        return None
-    verdict = feature_net_verdict(fn["r2"])
-    if not verdict["learned"]:
-        print(_verdict_line(verdict, path), file=sys.stderr, flush=True)
-    return verdict
 
 
 @torch.no_grad()

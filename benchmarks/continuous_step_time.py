@@ -34,7 +34,8 @@ from ayt.diagnostic import TangentDiagnostic
 from ayt.features import build_feature_net, freeze
 from ayt.losses import MFD
 from ayt.objectives import ConsistencyObjective
-from ayt.train import build_diffusion_net, make_optimizer
+from ayt.runs import build_diffusion_net
+from ayt.train import make_optimizer
 from step_time import machine, time_step
 
 

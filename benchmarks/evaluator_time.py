@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     _, t_shapes = _timed(lambda: E.shapes_evaluator(R, None, device, steps=args.steps), device)
     cfg = make_config(None, {"stage": "diffusion", "data.name": "photos", "data.resolution": R,
                              "data.num_images": args.crops})
-    from ayt.train import build_dataset
+    from ayt.runs import build_dataset
     train_ds = build_dataset(cfg)
     test_ds = build_dataset(E._data_variant(cfg, split="test"))
     clf, t_clf = _timed(lambda: E.classifier_evaluator(cfg, train_ds, None, device, args.steps, test_ds), device)

@@ -116,7 +116,8 @@ class StepBench:
         from ayt.features import build_feature_net, freeze
         from ayt.losses import MFD
         from ayt.objectives import ConsistencyObjective
-        from ayt.train import Dist, build_diffusion_net, make_optimizer
+        from ayt.runs import build_diffusion_net
+        from ayt.train import Dist, make_optimizer
         self.sz = sizes(args)
         over = {**self.sz["overrides"], "device": str(device), "batch": self.sz["batch"], "nan_check_every": 10 ** 9,
                 **cfg_over}

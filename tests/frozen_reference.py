@@ -109,7 +109,8 @@ def build(preset: str, overrides: dict, device, batch: int, seed: int = 0):
     from ayt.features import build_feature_net, freeze
     from ayt.losses import MFD
     from ayt.objectives import ConsistencyObjective
-    from ayt.train import build_diffusion_net, make_optimizer
+    from ayt.runs import build_diffusion_net
+    from ayt.train import make_optimizer
     cfg = make_config(preset, {"batch": batch, "device": str(device), **overrides})
     R = cfg.data.resolution
     torch.manual_seed(seed)

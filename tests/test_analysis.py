@@ -14,7 +14,8 @@ from ayt.features import build_feature_net, freeze
 from ayt.losses import MFD, direction_surrogate, pseudo_huber
 from ayt.networks import MLP, build_network
 from ayt.plotting import plot_tangent_grid, plot_tangent_study
-from ayt.train import build_diffusion_net, train
+from ayt.runs import build_diffusion_net
+from ayt.train import train
 
 
 def analytic_net(x, t, class_labels=None):

@@ -381,7 +381,7 @@ def test_cli_names_the_bad_folder_and_exits_2(tmp_path):
 
 def test_folder_labels_setting_and_train_help_lists_every_data_setting(tmp_path):
     from ayt.config import DataConfig, _field_comments, describe_settings
-    from ayt.train import build_dataset
+    from ayt.runs import build_dataset
     write_pngs(str(tmp_path), mode="RGB", class_dirs=True)
     ds = build_dataset(_train_cfg(tmp_path, name="folder", root=str(tmp_path), labels="folders", conditional=True))
     assert ds.class_names == ["class0", "class1"] and ds.label_dim == 2

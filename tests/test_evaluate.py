@@ -19,7 +19,8 @@ from ayt.data import make_shapes
 from ayt.evaluate import EvalConfig, FeatureSpace, choose_metric, evaluate_run, make_eval_hook, select_checkpoints
 from ayt.fid import InceptionV3FID
 from ayt.metrics import train_evaluator
-from ayt.train import build_dataset, train
+from ayt.runs import build_dataset
+from ayt.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,8 @@ AYT run (and the demo) prints when it loads a feature net that did not."""
 import json
 import math
 
-from ayt.train import LEARNED_LABELS, LEARNED_R2, feature_net_verdict, load_feature_net, train, warn_if_feature_net_untrained
+from ayt.runs import LEARNED_LABELS, LEARNED_R2, feature_net_verdict, load_feature_net, warn_if_feature_net_untrained
+from ayt.train import train
 from test_train import cfg_for
 
 

@@ -100,7 +100,7 @@ def test_dataset_items_labels_and_config(tmp_path):
     assert int(y.argmax()) == int(ds.class_index[5]) and ds.class_names[int(ds.class_index[5])] in D.PHOTO_NAMES
     assert D.get_dataset("photos", root=str(tmp_path), resolution=16, n=N).label_dim == 0
     # through the run configuration (the same path `train` takes)
-    from ayt.train import build_dataset
+    from ayt.runs import build_dataset
     cfg = make_config(None, {"stage": "diffusion", "data.name": "photos", "data.root": str(tmp_path), "data.resolution": 16,
                              "data.num_images": N, "data.split": "test"})
     test = build_dataset(cfg)

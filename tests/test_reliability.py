@@ -22,7 +22,8 @@ from ayt import checkpoint as ck
 from ayt import consistency as C
 from ayt.__main__ import main as cli
 from ayt.config import ConfigError, from_dict, make_config, to_dict
-from ayt.train import Dist, check_resume_layout, load_run_model, train
+from ayt.runs import load_run_model
+from ayt.train import Dist, check_resume_layout, train
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -273,7 +274,7 @@ def test_retention_and_snapshots(tmp_path):
     with pytest.raises(ck.CheckpointError, match="EMA-only snapshot"):
         load_run_model(snap, "model")
     # the size estimate is the file size up to the header and a few hundred bytes per stored tensor
-    from ayt.train import build_diffusion_net
+    from ayt.runs import build_diffusion_net
     est = ck.checkpoint_bytes(build_diffusion_net(tiny(tmp_path), 3, 0))
 
     def tensors(obj):

@@ -215,7 +215,7 @@ def test_cli_errors(tmp_path):
 
 def test_feature_net_from_plain_state_dict(tmp_path, feature_run):
     """The authors' release format: a bare VGG state dict, architecture named by ct.feature_arch."""
-    from ayt.train import load_feature_net
+    from ayt.runs import load_feature_net
     state = ck.load_checkpoint(ck.resolve_checkpoint(feature_run))["model"]
     plain = tmp_path / "phi.pt"
     torch.save(state, plain)
