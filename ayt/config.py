@@ -250,7 +250,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mini-ayt": {**_MINI_CT, "ct.mode": "mfd"},
     # The whole pipeline in minutes on 2 CPU cores (see README "demo"); `ayt demo` runs all four.
     # 1,000 iterations: the first count at which the demo net learns (noise and blur R^2 >= 0.5; measured
-    # 0.74 / 0.83 at 1,000, 0.46 / 0.68 at 300, see README "The demo").
+    # 0.60 / 0.83 at 1,000 in `python -m ayt demo` on 2 threads, 0.46 / 0.68 at 300; README "Two commands").
     "demo-feature-net": {**_SHAPES, "stage": "feature", "data.num_images": 4096, "feature.arch": "mini-vgg",
                          "optim.lr": 1e-3, "feature.p_ramp_iters": 50, "feature.eval_images": 512, "batch": 64,
                          "iters": 1000, "ema_decay": 0.0, "log_every": 50, "ckpt_every": 250, "snapshot_every": 0,
