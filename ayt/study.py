@@ -190,7 +190,8 @@ class Study:
         picks = dict(zip(ARMS, orchestrate.map(lambda arm: self.select(ds, arm), ARMS)))
         sel = selection(self.root / ds)
         ect = better_ect(sel)
-        jobs = [self.pool.submit(self.ct_run, ds, arm, picks[arm], s) for arm in ("ayt", ect) for s in SEEDS]
+        # seed by seed, AYT beside the better ECT: each finished pair adds one seed to the headline
+        jobs = [self.pool.submit(self.ct_run, ds, arm, picks[arm], s) for s in SEEDS for arm in ("ayt", ect)]
         jobs += [self.pool.submit(self.ct_run, ds, "ayt", picks["ayt"], s, 16, True) for s in SEEDS]
         jobs += [self.pool.submit(self.ct_run, ds, ect, picks[ect], s, BIG_BATCH) for s in SEEDS]
         [j.result() for j in jobs]
