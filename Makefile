@@ -27,9 +27,11 @@ test: setup
 # The CPU mini study v2 (docs/mini-study.md; about 4 hours on 2 cores, resumable), then every figure
 # from its run directories, with the summaries the README quotes (figures/mini-study.json, figures/tangent-study.json).
 # Only `figures` writes into figures/ (notebooks default to runs/notebooks/).
+# STUDY_FLAGS=--family adds the authors' family arms (docs/mini-study.md section 7).
 STUDY_ROOT ?= runs/study
+STUDY_FLAGS ?=
 mini-study: setup
-	$(PY) -m ayt study --run-root $(STUDY_ROOT)
+	$(PY) -m ayt study --run-root $(STUDY_ROOT) $(STUDY_FLAGS)
 	$(MAKE) figures
 
 figures: setup
