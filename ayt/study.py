@@ -465,13 +465,15 @@ def _score_table(groups: dict, iters_of) -> list[str]:
            "|---|---|---|---|---|---|---|---|"]
     for k, g in groups.items():
         n = max((g[c]["seeds"] for c, _ in cols if c in g), default=0)
+        if n == 0:  # nothing evaluated yet
+            continue
         out.append(f"| {GROUP_LABELS.get(k, k)} | {n} | {iters_of(k)} | "
                    + " | ".join(_cell(g.get(c), f) for c, f in cols) + " |")
     return out
 
 
 def _reach_line(name: str, r: dict, base: str, new: str) -> str:
-    seeds = [s for s in r.get("per_seed", [])]
+    seeds = r.get("per_seed", [])
     if not seeds:
         return f"- {name}: no seed has both runs evaluated yet."
     b, n = GROUP_LABELS[base], GROUP_LABELS[new]
@@ -518,8 +520,9 @@ def report_markdown(summary: dict) -> str:
         if bc:
             lines.append(f"- batch claim at iteration {bc['iteration']}: AYT at batch 16 {_cell(bc['ayt_bs16'])}, "
                          f"better ECT at batch {BIG_BATCH} {_cell(bc['ect_bs64'])} (1-step FD_eval)")
-        if d.get("groups"):
-            lines += ["", *_score_table(d["groups"], lambda k: BIG_BATCH_ITERS if k == "ect_bs64" else ITERS)]
+        table = _score_table(d.get("groups", {}), lambda k: BIG_BATCH_ITERS if k == "ect_bs64" else ITERS)
+        if len(table) > 2:
+            lines += ["", *table]
         fam = d.get("family")
         if fam:
             lines += ["", f"*Family arms* ({'complete' if fam['complete'] else 'incomplete'}; learning rates "
@@ -629,6 +632,8 @@ def main(argv=None) -> int:
         print(f"[study] evaluator ready: {build_evaluator(root, args.build_evaluator, args.device)}", flush=True)
         return 0
     if args.report:
+        if not Path(args.report).is_file():
+            ap.error(f"--report {args.report}: no such summary file (python -m ayt study writes <run-root>/mini-study.json)")
         print(report_markdown(json.loads(Path(args.report).read_text())), end="")
         return 0
     if args.sample_figures:

@@ -115,9 +115,12 @@ def test_selection_extends_an_edge_pick(tmp_path, monkeypatch):
     assert sorted(calls) == [1e-4, 2e-4, 5e-4, 1.25e-3]
 
 
-def test_cli_rejects_unknown_dataset(tmp_path):
+def test_cli_rejects_unknown_dataset_and_missing_summary(tmp_path, capsys):
     with pytest.raises(SystemExit):
         study.main(["--run-root", str(tmp_path), "--datasets", "cifar10", "--summary-only"])
+    with pytest.raises(SystemExit):
+        study.main(["--report", str(tmp_path / "nope.json")])
+    assert "no such summary file" in capsys.readouterr().err
 
 
 def test_driver_prints_one_line_per_started_and_finished_job(tmp_path):
