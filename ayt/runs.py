@@ -79,7 +79,9 @@ def resolve_pretrained(path: str) -> Path:
         except Exception as e:
             raise FileNotFoundError(f"EDM checkpoint {p.name} is not at {p} or {dest} and could not be downloaded "
                                     f"from {url} ({e}). Download it by hand and pass its path as net.init.") from e
-    raise FileNotFoundError(f"net.init: no such file or run directory: {p}")
+    hint = (f" (presets name the runs they build on as runs/<name>, relative to the working directory; with "
+            f"another run_root, pass the run's path, e.g. net.init=<run_root>/{p.name})" if p.parts[:1] == ("runs",) else "")
+    raise FileNotFoundError(f"net.init: no such file or run directory: {p}{hint}")
 
 
 def load_init_weights(net: torch.nn.Module, path: str) -> str:

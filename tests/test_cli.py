@@ -174,3 +174,14 @@ def test_plot_writes_loss_and_score_curves(tmp_path, monkeypatch, capsys, evalua
     assert "--keys nope: not logged" in capsys.readouterr().err
     assert cli.main(["plot", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_train_with_a_missing_preset_dependency_names_the_fix(tmp_path, monkeypatch, capsys):
+    """mini-ayt builds on runs/mini-diffusion; in another run root that path does not exist, and the error
+    says how to point net.init at the run (before any training)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--preset", "mini-ayt", f"run_root={tmp_path / 'elsewhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert "net.init: no such file or run directory: runs/mini-diffusion" in err
+    assert "net.init=<run_root>/mini-diffusion" in err
+    assert not (tmp_path / "elsewhere" / "mini-ayt" / "checkpoints").exists()
