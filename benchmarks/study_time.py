@@ -30,11 +30,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ayt import study  # noqa: E402
 
-DONE = re.compile(r"^\[study (?:(\d+)h)?(\d+)m(\d+)s\] done\s+(.+?)\s+in (?:(\d+)h)?(\d+)m(\d+)s")
+# ayt.progress.fmt_time writes '4m07s' below an hour and '2h05m' above (older drivers: '1h14m16s')
+DONE = re.compile(r"^\[study (?:(\d+)h)?(\d+)m(?:(\d+)s)?\] done\s+(.+?)\s+in (?:(\d+)h)?(\d+)m(?:(\d+)s)?")
 
 
 def _seconds(h, m, s) -> int:
-    return int(h or 0) * 3600 + int(m) * 60 + int(s)
+    return int(h or 0) * 3600 + int(m) * 60 + int(s or 0)
 
 
 def run_times(run: Path) -> dict | None:

@@ -239,9 +239,10 @@ def test_study_time_benchmark_reads_runs_and_driver_logs(tmp_path):
                            "resumed_runs": [study.run_name("ayt", 2e-4, 16, 0)]}
     log = tmp_path / "driver.log"
     log.write_text("[study 0m00s] start  shapes/a  (log x)\n[study 1h02m03s] done   shapes/a  in 1h01m00s  (log x)\n"
-                   "[study 1h05m00s] done   shapes/a evaluation  in 0m59s  (log x)\n")
-    assert study_time.driver_times(log) == {"log": str(log), "span_s": 3900, "jobs_done": 2,
-                                            "jobs": {"shapes/a": 3660, "shapes/a evaluation": 59}}
+                   "[study 1h05m00s] done   shapes/a evaluation  in 0m59s  (log x)\n"
+                   "[study 2h10m] done   shapes/b  in 1h04m  (log x)\n")  # fmt_time's form above an hour
+    assert study_time.driver_times(log) == {"log": str(log), "span_s": 7800, "jobs_done": 3,
+                                            "jobs": {"shapes/a": 3660, "shapes/a evaluation": 59, "shapes/b": 3840}}
     assert study_time.main(["--run-root", str(tmp_path), "--driver-log", str(log), "--out", str(tmp_path / "o.json")]) == 0
     assert json.loads((tmp_path / "o.json").read_text())["datasets"]["shapes"]["totals"]["jobs"] == 2
 
