@@ -51,6 +51,7 @@ from . import checkpoint as ck
 from . import consistency as C
 from .config import from_dict
 from .losses import MFD, distance_direction
+from .progress import Progress
 from .runs import build_dataset, build_diffusion_net, load_feature_net
 
 __all__ = [
@@ -556,6 +557,7 @@ def tangent_study(run_dirs: dict[str, Union[str, Path]], x_0: Tensor, eps: Tenso
             for k in keys:
                 per_t[k]["output_distance"] = []
         outputs: dict[str, list[Tensor]] = {k: [] for k in keys}
+        bar = Progress(len(ckpts), f"[tangent-study {name}]", "ckpt")  # rate and ETA over the checkpoints
         for it, path in ckpts:
             net, _ = load(path)
             stage = C.stage_at(schedule, it)
@@ -579,6 +581,8 @@ def tangent_study(run_dirs: dict[str, Union[str, Path]], x_0: Tensor, eps: Tenso
                     rec["output_distance"].append(_mean(distance_to_manifold(D_t)))
                 outputs[key].append(D_t)
             log(f"[tangent-study] {name}: iteration {it} done")
+            bar.update()
+        bar.close()
         its = [it for it, _ in ckpts]
         for key, outs in outputs.items():
             if len(outs) < 3:

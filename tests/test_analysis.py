@@ -249,7 +249,7 @@ def test_config_for_disk():
     assert phi.dim == 16 and [f.shape for f in phi.features(torch.randn(3, 16, 1, 1))][-1] == (3, 2, 1, 1)
 
 
-def test_disk_pipeline_end_to_end(tmp_path):
+def test_disk_pipeline_end_to_end(tmp_path, capsys):
     """Feature net ('mlp', 'vec'), EDM pretraining, ECT and AYT on the disk through ayt.train.train,
     then the disk study on the two consistency runs."""
     common = {"run_root": str(tmp_path), "data.num_images": 128, "device": "cpu", "batch": 16, "iters": 4,
@@ -267,7 +267,10 @@ def test_disk_pipeline_end_to_end(tmp_path):
         assert len(metrics) == 2
         if arm == "ayt":
             assert all(m["distance"] > 0 for m in metrics)
+    capsys.readouterr()
     study = A.disk_study(runs, ts=[0.5, 5.0], n=8, seed=0)
+    err = capsys.readouterr().err  # the study talks: progress over each run's checkpoints, with its final line
+    assert "[tangent-study ect]" in err and "[tangent-study ayt]" in err and "ckpt" in err
     json.dumps(study)
     for arm in ("ect", "ayt"):
         r = study["runs"][arm]
