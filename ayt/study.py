@@ -352,9 +352,9 @@ def reach(base: dict[int, Path], new: dict[int, Path], base_name: str, new_name:
     only when every seed got there."""
     per_seed = []
     for seed, run in sorted(base.items()):
-        if seed not in new or ITERS not in curve(run):
+        target = curve(run).get(ITERS)
+        if seed not in new or target is None:
             continue
-        target = curve(run)[ITERS]
         it = iterations_to_reach(curve(new[seed]), target)
         per_seed.append({"seed": seed, f"{base_name}_final": target, f"{new_name}_iterations_to_reach": it,
                          "speedup": ITERS / it if it else None})
@@ -383,7 +383,7 @@ def summarize_family(ds_root: Path, sel: dict, ayt_group: dict[int, Path]) -> Op
     return out
 
 
-def feature_net_quality(ds_root: Path) -> dict:
+def shared_feature_nets(ds_root: Path) -> dict:
     """What the shared feature networks learned, from their results.json: per-label R^2 and the verdict of
     the trained VGG (recomputed under today's rule), reconstruction RMSE by noise level of the autoencoder."""
     from .runs import feature_net_verdict
@@ -400,7 +400,7 @@ def summarize_dataset(ds_root: Path) -> dict:
     runs = _runs(ds_root)
     sel = selection(ds_root)
     out: dict = {"complete": False, "selection": {a: {**s, "pick": s["pick"]} for a, s in sel.items()},
-                 "feature_nets": feature_net_quality(ds_root)}
+                 "feature_nets": shared_feature_nets(ds_root)}
     if "ayt" not in sel or not any(a in sel for a in ECT_ARMS):
         return out
     ect = better_ect(sel)
