@@ -13,9 +13,10 @@ line with its log path. Per dataset (a sub-directory of the run root):
      ECT-fine (q = 256, fixed stage: AYT's schedule), ECT-official (q = 2, stage doubling) and AYT,
      each over LR_GRID, extended past an edge pick (up to MAX_EXTENSIONS times);
   2. reporting seeds 0-2 at the picks: AYT, the better ECT arm, and the control (AYT update with the
-     untrained feature net at AYT's pick);
+     untrained feature net at AYT's pick); while the better ECT's curve has not flattened (FLAT_TOL over
+     the last quarter of the horizon), AYT's and ECT's reporting runs are continued to the next of HORIZONS;
   3. the batch claim: the better ECT at batch 64 for BIG_BATCH_ITERS iterations, seeds 0-2;
-  4. reporting runs evaluated at EVAL_ITERS, selection runs at their end (1- and 2-step FD_eval,
+  4. reporting runs evaluated at EVAL_ITERS up to their length, selection runs at their end (1- and 2-step FD_eval,
      precision/recall, multi-scale SWD);
   5. with --family, after steps 0-4 of every dataset: the authors' family (FAMILY_ARMS): CCD vs CCD-AYT,
      CT vs CT-AYT and AYT with a denoising autoencoder's features vs the VGG's, on the reporting seeds at
@@ -49,11 +50,15 @@ LR_GRID = (1e-4, 2e-4, 5e-4)
 EXTEND_UP, EXTEND_DOWN, MAX_EXTENSIONS = 2.5, 0.5, 2
 SELECTION_SEED = 100
 SEEDS = (0, 1, 2)
-ITERS = 2000
-EVAL_ITERS = (250, 500, 1000, 1500, 2000)
+ITERS = 2000                          # selection runs, the control and the family arms
+# Reporting horizon of AYT and the better ECT: ITERS, continued (same runs, resumed with a larger `iters`) to the
+# next horizon while ECT has not flattened: < FLAT_TOL relative change of its seed-mean 1-step FD_eval over the
+# last quarter of the horizon (1500 -> 2000, then 3000 -> 4000).
+HORIZONS = (2000, 4000)
+FLAT_TOL = 0.10
+EVAL_ITERS = (250, 500, 1000, 1500, 2000, 3000, 4000)  # those up to a run's length
 BIG_BATCH, BIG_BATCH_ITERS = 64, 1000
 N_EVAL, N_REF = 2000, 10000
-FLAT_FROM, FLAT_TOL = 1500, 0.10      # ECT has flattened: < 10% relative change of 1-step FD_eval, 1500 -> 2000
 METRIC = "fd_eval"
 # The arms (docs/mini-study.md section 2): overrides on the mini-ect / mini-ayt presets.
 ARMS: dict[str, tuple[str, list[str]]] = {
@@ -120,10 +125,11 @@ class Study:
             raise RuntimeError(f"{what} failed (exit {rc}); see {log}")
         self.say(f"done   {what}  in {fmt_time(time.time() - t0)}  (log {log})")
 
-    def train(self, ds: str, preset: str, name: str, overrides: list[str]) -> Path:
+    def train(self, ds: str, preset: str, name: str, overrides: list[str], iters: int = 0) -> Path:
+        """Train (or resume, or continue to `iters`) one run; skipped when it has trained that far."""
         root = self.root / ds
         run = root / name
-        if _trained(run):
+        if _trained(run, iters):
             return run
         self._run([sys.executable, "-m", "ayt", "train", "--preset", preset, "--resume", f"name={name}",
                    f"run_root={root}", f"device={self.device}", *DATA_OVERRIDES[ds], *overrides],
@@ -155,16 +161,18 @@ class Study:
         self._run([sys.executable, "-m", "ayt.study", "--build-evaluator", ds, "--run-root", str(self.root),
                    "--device", self.device], self.root / ds / "logs" / "evaluator.log", f"{ds} evaluator")
 
-    def ct_run(self, ds: str, arm: str, lr: float, seed: int, batch: int = 16, control: bool = False) -> Path:
+    def ct_run(self, ds: str, arm: str, lr: float, seed: int, batch: int = 16, control: bool = False,
+               iters: Optional[int] = None) -> Path:
+        """One consistency run and its evaluations; `iters` past ITERS continues a reporting run."""
         preset, extra = ALL_ARMS[arm]
         name = run_name(arm, lr, batch, seed, control)
-        iters = BIG_BATCH_ITERS if batch == BIG_BATCH else ITERS
+        iters = iters or (BIG_BATCH_ITERS if batch == BIG_BATCH else ITERS)
         root = self.root / ds
         feature_net = root / ("mini-feature-net-random" if control else "mini-dae" if arm == "ayt-dae"
                               else "mini-feature-net")
         over = [*extra, f"optim.lr={lr}", f"seed={seed}", f"batch={batch}", f"iters={iters}",
                 f"net.init={root / 'mini-diffusion'}", f"ct.feature_net={feature_net}"]
-        run = self.train(ds, preset, name, over)
+        run = self.train(ds, preset, name, over, iters)
         # selection runs are scored at their end only; reporting runs get the whole curve
         self.evaluate(ds, run, iters, (ITERS,) if seed == SELECTION_SEED else EVAL_ITERS)
         return run
@@ -191,10 +199,19 @@ class Study:
         sel = selection(self.root / ds)
         ect = better_ect(sel)
         # seed by seed, AYT beside the better ECT: each finished pair adds one seed to the headline
-        jobs = [self.pool.submit(self.ct_run, ds, arm, picks[arm], s) for s in SEEDS for arm in ("ayt", ect)]
-        jobs += [self.pool.submit(self.ct_run, ds, "ayt", picks["ayt"], s, 16, True) for s in SEEDS]
-        jobs += [self.pool.submit(self.ct_run, ds, ect, picks[ect], s, BIG_BATCH) for s in SEEDS]
-        [j.result() for j in jobs]
+        pairs = [self.pool.submit(self.ct_run, ds, arm, picks[arm], s) for s in SEEDS for arm in ("ayt", ect)]
+        rest = [self.pool.submit(self.ct_run, ds, "ayt", picks["ayt"], s, 16, True) for s in SEEDS]
+        rest += [self.pool.submit(self.ct_run, ds, ect, picks[ect], s, BIG_BATCH) for s in SEEDS]
+        runs = [f.result() for f in pairs]
+        for short, long in zip(HORIZONS, HORIZONS[1:]):
+            fl = flattening([curve(r) for r in runs[1::2]], short)
+            if fl["flattened"]:
+                break
+            self.say(f"{ds}: ECT's 1-step FD_eval still changes by {100 * fl['relative_change']:.1f}% from "
+                     f"{fl['from']} to {short}: continuing AYT and ECT to {long} iterations")
+            runs = [f.result() for f in [self.pool.submit(self.ct_run, ds, arm, picks[arm], s, iters=long)
+                                         for s in SEEDS for arm in ("ayt", ect)]]
+        [j.result() for j in rest]
 
     def family(self, ds: str) -> None:
         """Step 5: the family arms on the reporting seeds, at their counterparts' picks (needs steps 1-3)."""
@@ -235,9 +252,11 @@ def parse_run_name(name: str) -> Optional[dict]:
     return None
 
 
-def _trained(run: Path) -> bool:
+def _trained(run: Path, iters: int = 0) -> bool:
+    """The run has finished training, to at least `iters` iterations."""
     res = run / "results.json"
-    return res.exists() and "train" in json.loads(res.read_text())
+    train = json.loads(res.read_text()).get("train") if res.exists() else None
+    return train is not None and train.get("iterations", 0) >= iters
 
 
 def _records(run: Path) -> list[dict]:
@@ -281,6 +300,19 @@ def iterations_to_reach(curve: dict[int, float], target: float) -> Optional[floa
             return i0 + (it - i0) * (v0 - target) / (v0 - curve[it]) if v0 != curve[it] else float(it)
         prev = (it, curve[it])
     return None
+
+
+def flattening(curves: list[dict[int, float]], horizon: int) -> dict:
+    """Has a curve flattened by `horizon`? Relative change of the seed-mean 1-step FD_eval over the last
+    quarter of the horizon (curves that lack either point are left out)."""
+    start = horizon * 3 // 4
+    have = [c for c in curves if start in c and horizon in c]
+    if not have:
+        return {"from": start, "to": horizon, "seeds": 0, "relative_change": None, "tolerance": FLAT_TOL,
+                "flattened": False}
+    a, b = np.mean([c[start] for c in have]), np.mean([c[horizon] for c in have])
+    return {"from": start, "to": horizon, "seeds": len(have), "relative_change": float((a - b) / a),
+            "tolerance": FLAT_TOL, "flattened": bool(abs(a - b) / a < FLAT_TOL)}
 
 
 def _runs(ds_root: Path) -> dict[str, dict]:
@@ -346,19 +378,19 @@ def _finals(group: dict[int, Path], it: int) -> dict:
     return out
 
 
-def reach(base: dict[int, Path], new: dict[int, Path], base_name: str, new_name: str) -> dict:
-    """Per seed: the baseline's final 1-step FD_eval and the iterations `new` needs to reach it (linear
-    interpolation; None when it never does), with the speed-up ITERS / iterations; min-max over seeds
-    only when every seed got there."""
+def reach(base: dict[int, Path], new: dict[int, Path], base_name: str, new_name: str, horizon: int = ITERS) -> dict:
+    """Per seed: the baseline's 1-step FD_eval at `horizon` (its final) and the iterations `new` needs to
+    reach it (linear interpolation, `new`'s curve up to the horizon; None when it never does), with the
+    speed-up horizon / iterations; min-max over seeds only when every seed got there."""
     per_seed = []
     for seed, run in sorted(base.items()):
-        target = curve(run).get(ITERS)
+        target = curve(run).get(horizon)
         if seed not in new or target is None:
             continue
-        it = iterations_to_reach(curve(new[seed]), target)
+        it = iterations_to_reach({i: v for i, v in curve(new[seed]).items() if i <= horizon}, target)
         per_seed.append({"seed": seed, f"{base_name}_final": target, f"{new_name}_iterations_to_reach": it,
-                         "speedup": ITERS / it if it else None})
-    out: dict = {"per_seed": per_seed}
+                         "speedup": horizon / it if it else None})
+    out: dict = {"horizon": horizon, "per_seed": per_seed}
     if per_seed and all(s["speedup"] is not None for s in per_seed):
         out["speedup"] = _stats([s["speedup"] for s in per_seed])
         out[f"{new_name}_iterations_to_reach"] = _stats([s[f"{new_name}_iterations_to_reach"] for s in per_seed])
@@ -410,26 +442,35 @@ def summarize_dataset(ds_root: Path) -> dict:
               "control": _group(ds_root, runs, "ayt", picks["ayt"], 16, True),
               "ect_bs64": _group(ds_root, runs, ect, picks[ect], BIG_BATCH, False)}
     out["better_ect"] = ect
-    out["groups"] = {k: {"runs": sorted(p.name for p in g.values()),
-                         **_finals(g, BIG_BATCH_ITERS if k == "ect_bs64" else ITERS)} for k, g in groups.items()}
-    # ECT's curve has flattened? relative change of the seed-mean 1-step FD_eval from FLAT_FROM to ITERS.
+    out["groups"] = {k: {"runs": sorted(p.name for p in g.values()), "iteration": at,
+                         **_finals(g, at)} for k, g in groups.items()
+                     for at in [BIG_BATCH_ITERS if k == "ect_bs64" else ITERS]}
+    # The reporting horizon: the longest of HORIZONS that every AYT and ECT reporting run has been evaluated at
+    # (one seed's run counts as soon as it has), and whether ECT's curve has flattened by it.
+    pair = [*groups["ayt"].values(), *groups["ect"].values()]
+    horizon = max((h for h in HORIZONS if pair and all(h in curve(p) for p in pair)), default=ITERS)
+    out["horizon"] = horizon
     ect_curves = [curve(p) for p in groups["ect"].values()]
-    ect_curves = [c for c in ect_curves if FLAT_FROM in c and ITERS in c]
-    if ect_curves:
-        a, b = np.mean([c[FLAT_FROM] for c in ect_curves]), np.mean([c[ITERS] for c in ect_curves])
-        out["ect_flattening"] = {"from": FLAT_FROM, "to": ITERS, "relative_change": float((a - b) / a),
-                                 "tolerance": FLAT_TOL, "flattened": bool(abs(a - b) / a < FLAT_TOL)}
-    # Headline: iterations AYT needs to reach the better ECT's final 1-step FD_eval, per seed.
-    out["headline"] = reach(groups["ect"], groups["ayt"], "ect", "ayt")
+    if any(ect_curves):
+        out["ect_flattening"] = flattening(ect_curves, horizon)
+    # Headline: iterations AYT needs to reach the better ECT's final 1-step FD_eval, per seed, at the horizon
+    # (and at each shorter horizon, to show how the ratio depends on it).
+    out["headline"] = reach(groups["ect"], groups["ayt"], "ect", "ayt", horizon)
     per_seed = out["headline"]["per_seed"]
+    if horizon > ITERS:
+        out["headline_by_horizon"] = {str(h): reach(groups["ect"], groups["ayt"], "ect", "ayt", h)
+                                      for h in HORIZONS if h <= horizon}
+        out["long"] = {k: {"iteration": horizon, **_finals(groups[k], horizon)} for k in ("ayt", "ect")}
     # Batch claim: AYT at batch 16 vs the better ECT at batch 64, both at BIG_BATCH_ITERS iterations.
     ayt_at = [curve(p).get(BIG_BATCH_ITERS) for p in groups["ayt"].values()]
     big = [curve(p).get(BIG_BATCH_ITERS) for p in groups["ect_bs64"].values()]
     if all(v is not None for v in ayt_at + big) and ayt_at and big:
         out["batch_claim"] = {"iteration": BIG_BATCH_ITERS, "ayt_bs16": _stats(ayt_at), "ect_bs64": _stats(big)}
     # complete: every arm selected, every reporting group evaluated on all seeds, headline and batch claim
+    # complete also needs ECT flattened by the horizon, or the horizon at its last value
     out["complete"] = bool(set(sel) == set(ARMS) and len(per_seed) == len(SEEDS) and "batch_claim" in out
-                           and all(len(g) == len(SEEDS) for g in groups.values()))
+                           and all(len(g) == len(SEEDS) for g in groups.values())
+                           and (out["ect_flattening"]["flattened"] or horizon == HORIZONS[-1]))
     fam = summarize_family(ds_root, sel, groups["ayt"])
     if fam is not None:
         out["family"] = fam
@@ -441,8 +482,8 @@ def summarize_dataset(ds_root: Path) -> dict:
 def summarize(root: Path, datasets=DATASETS) -> dict:
     """The study's numbers from its run directories (pure: reads results.json files only)."""
     protocol = {"lr_grid": list(LR_GRID), "selection_seed": SELECTION_SEED, "seeds": list(SEEDS), "iters": ITERS,
-                "eval_iters": list(EVAL_ITERS), "n_eval": N_EVAL, "n_ref": N_REF, "metric": METRIC,
-                "big_batch": BIG_BATCH, "big_batch_iters": BIG_BATCH_ITERS, "flat_tolerance": FLAT_TOL,
+                "horizons": list(HORIZONS), "eval_iters": list(EVAL_ITERS), "n_eval": N_EVAL, "n_ref": N_REF,
+                "metric": METRIC, "big_batch": BIG_BATCH, "big_batch_iters": BIG_BATCH_ITERS, "flat_tolerance": FLAT_TOL,
                 "arms": {a: {"preset": p, "overrides": o} for a, (p, o) in ARMS.items()},
                 "family_arms": {a: {"preset": p, "overrides": o, "lr_from": FAMILY_LR_FROM[a]}
                                 for a, (p, o) in FAMILY_ARMS.items()}}
@@ -458,7 +499,7 @@ def _cell(stats: Optional[dict], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(stats['mean'])} ({fmt.format(stats['min'])}-{fmt.format(stats['max'])})"
 
 
-def _score_table(groups: dict, iters_of) -> list[str]:
+def _score_table(groups: dict) -> list[str]:
     cols = [("fd_eval_1step", "{:.2f}"), ("fd_eval_2step", "{:.2f}"), ("swd_1step", "{:.1f}"),
             ("precision_1step", "{:.2f}"), ("recall_1step", "{:.2f}")]
     out = ["| run | seeds | iterations | FD_eval 1-step | FD_eval 2-step | SWD 1-step | precision | recall |",
@@ -467,7 +508,7 @@ def _score_table(groups: dict, iters_of) -> list[str]:
         n = max((g[c]["seeds"] for c, _ in cols if c in g), default=0)
         if n == 0:  # nothing evaluated yet
             continue
-        out.append(f"| {GROUP_LABELS.get(k, k)} | {n} | {iters_of(k)} | "
+        out.append(f"| {GROUP_LABELS.get(k.split('@')[0], k)} | {n} | {g.get('iteration', ITERS)} | "
                    + " | ".join(_cell(g.get(c), f) for c, f in cols) + " |")
     return out
 
@@ -476,14 +517,14 @@ def _reach_line(name: str, r: dict, base: str, new: str) -> str:
     seeds = r.get("per_seed", [])
     if not seeds:
         return f"- {name}: no seed has both runs evaluated yet."
-    b, n = GROUP_LABELS[base], GROUP_LABELS[new]
+    b, n, h = GROUP_LABELS[base], GROUP_LABELS[new], r.get("horizon", ITERS)
     if "speedup" not in r:
         got = sum(s["speedup"] is not None for s in seeds)
-        return f"- {name}: {n} reaches the final 1-step FD_eval of {b} on {got} of {len(seeds)} seeds within {ITERS} iterations."
+        return f"- {name}: {n} reaches the final 1-step FD_eval of {b} on {got} of {len(seeds)} seeds within {h} iterations."
     it = r[f"{new}_iterations_to_reach"]
     return (f"- {name}: {n} reaches the final 1-step FD_eval of {b} "
             f"({_cell(_stats([s[f'{base}_final'] for s in seeds]))}) after {_cell(it, '{:.0f}')} iterations, "
-            f"{_cell(r['speedup'])}x fewer than {ITERS}.")
+            f"{_cell(r['speedup'])}x fewer than {h}.")
 
 
 def report_markdown(summary: dict) -> str:
@@ -516,11 +557,15 @@ def report_markdown(summary: dict) -> str:
                          f"(criterion: < {100 * fl['tolerance']:.0f}%)")
         if "headline" in d:
             lines.append(_reach_line("headline", d["headline"], "ect", "ayt"))
+        for h, r in d.get("headline_by_horizon", {}).items():
+            if int(h) != d["horizon"]:
+                lines.append(_reach_line(f"at the shorter horizon {h}", r, "ect", "ayt"))
         bc = d.get("batch_claim")
         if bc:
             lines.append(f"- batch claim at iteration {bc['iteration']}: AYT at batch 16 {_cell(bc['ayt_bs16'])}, "
                          f"better ECT at batch {BIG_BATCH} {_cell(bc['ect_bs64'])} (1-step FD_eval)")
-        table = _score_table(d.get("groups", {}), lambda k: BIG_BATCH_ITERS if k == "ect_bs64" else ITERS)
+        long = {f"{k}@{g['iteration']}": g for k, g in d.get("long", {}).items()}
+        table = _score_table({**d.get("groups", {}), **long})
         if len(table) > 2:
             lines += ["", *table]
         fam = d.get("family")
@@ -528,7 +573,7 @@ def report_markdown(summary: dict) -> str:
             lines += ["", f"*Family arms* ({'complete' if fam['complete'] else 'incomplete'}; learning rates "
                       + ", ".join(f"{a} {lr:g}" for a, lr in fam["lr"].items()) + ")", ""]
             lines += [_reach_line(f"{b} vs {c}", fam["pairs"][f"{b}_vs_{c}"], b, c) for b, c in FAMILY_PAIRS]
-            lines += ["", *_score_table(fam["groups"], lambda k: ITERS)]
+            lines += ["", *_score_table(fam["groups"])]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -86,6 +86,69 @@ def test_summarize_dataset(tmp_path, official_better):
     assert study.summarize_dataset(tmp_path / "shapes")["feature_nets"] == {"mini-dae": {"rmse": {"1": 0.2}}}
 
 
+def _lengthen(run, tail):
+    """Add evaluations past ITERS to a fake run, as continuing it to a longer horizon does."""
+    res = run / "results.json"
+    d = json.loads(res.read_text())
+    d["eval"] += json.loads((fake_run(run.parent / "tmp", "x", tail) / "results.json").read_text())["eval"]
+    shutil.rmtree(run.parent / "tmp")
+    d["train"]["iterations"] = max(tail)
+    res.write_text(json.dumps(d))
+
+
+def test_summary_moves_to_the_longer_horizon_once_every_pair_run_has_it(tmp_path):
+    root = tmp_path / "shapes"
+    best = _populate(root)
+    for seed in study.SEEDS:  # ECT still falls 20% from 1500 to 2000, then 5% from 3000 to 4000
+        shutil.rmtree(root / study.run_name(best, 2e-4, 16, seed))
+        fake_run(root, study.run_name(best, 2e-4, 16, seed), {250: 20.0, 500: 16.0, 1000: 12.0, 1500: 10.0, 2000: 8.0})
+    d = study.summarize_dataset(root)
+    assert d["horizon"] == 2000 and not d["ect_flattening"]["flattened"] and not d["complete"]
+    assert "headline_by_horizon" not in d and "long" not in d
+    for seed in study.SEEDS:
+        _lengthen(root / study.run_name(best, 2e-4, 16, seed), {3000: 6.0, 4000: 5.7})
+        _lengthen(root / study.run_name("ayt", 2e-4, 16, seed), {3000: 3.5, 4000: 3.4})
+        if seed < 2:  # a horizon counts only when every seed's pair has reached it
+            assert study.summarize_dataset(root)["horizon"] == 2000
+    d = study.summarize_dataset(root)
+    assert d["horizon"] == 4000 and d["complete"]
+    assert d["ect_flattening"] == {"from": 3000, "to": 4000, "seeds": 3, "relative_change": pytest.approx(0.05),
+                                   "tolerance": study.FLAT_TOL, "flattened": True}
+    # AYT reaches ECT's 5.7 between 1500 (6) and 2000 (4): 1575; ECT's 8 at 2000 it reached at 1000
+    assert d["headline"]["horizon"] == 4000 and d["headline"]["speedup"]["mean"] == pytest.approx(4000 / 1575)
+    assert d["headline_by_horizon"]["2000"]["speedup"]["mean"] == pytest.approx(2.0)
+    assert d["long"]["ayt"]["fd_eval_1step"]["mean"] == pytest.approx(3.4) and d["long"]["ect"]["iteration"] == 4000
+    assert d["groups"]["ayt"]["iteration"] == 2000 and d["groups"]["control"]["iteration"] == 2000
+    md = study.report_markdown(study.summarize(tmp_path, ("shapes",)))
+    assert "after 1575 (1575-1575) iterations, 2.54 (2.54-2.54)x fewer than 4000." in md
+    assert "- at the shorter horizon 2000: AYT reaches the final 1-step FD_eval of better ECT (8.00" in md
+    assert "changes by 5.0% from iteration 3000 to 4000: flattened" in md
+    assert "| AYT | 3 | 4000 | 3.40 (3.40-3.40) |" in md and "| AYT | 3 | 2000 | 4.00 (4.00-4.00) |" in md
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_driver_continues_ayt_and_ect_while_ect_has_not_flattened(tmp_path, monkeypatch, flat):
+    root = tmp_path / "shapes"
+    best = _populate(root)  # ECT changes 5% from 1500 to 2000: flattened
+    if not flat:
+        for seed in study.SEEDS:
+            shutil.rmtree(root / study.run_name(best, 2e-4, 16, seed))
+            fake_run(root, study.run_name(best, 2e-4, 16, seed), {1500: 10.0, 2000: 8.0})
+    calls, said = [], []
+
+    def fake_ct_run(self, ds, arm, lr, seed, batch=16, control=False, iters=None):
+        calls.append((arm, seed, batch, control, iters))
+        return root / study.run_name(arm, lr, batch, seed, control)
+    monkeypatch.setattr(study.Study, "shared", lambda self, ds: None)
+    monkeypatch.setattr(study.Study, "select", lambda self, ds, arm: 2e-4)
+    monkeypatch.setattr(study.Study, "ct_run", fake_ct_run)
+    study.Study(tmp_path, workers=2, log=said.append).dataset("shapes")
+    longer = sorted(c for c in calls if c[-1] is not None)
+    assert longer == ([] if flat else sorted((a, s, 16, False, 4000) for s in study.SEEDS for a in ("ayt", best)))
+    assert len(calls) == 12 + len(longer)  # pairs, control, batch 64, and the continued pairs
+    assert any("still changes by 20.0% from 1500 to 2000: continuing AYT and ECT to 4000" in m for m in said) != flat
+
+
 def test_headline_is_absent_when_ayt_never_reaches_ect(tmp_path):
     root = tmp_path / "photos"
     for arm in study.ARMS:

@@ -97,6 +97,17 @@ def test_resume_is_bitwise_exact(tmp_path, feature_run, diffusion_run):
     assert [r["iteration"] for r in read_metrics(resumed)] == [r["iteration"] for r in read_metrics(straight)]
 
 
+def test_continuing_a_finished_run_equals_the_longer_run(tmp_path, diffusion_run):
+    """A finished run resumed with a larger `iters` (how the mini study lengthens its reporting runs) is the
+    run trained that long in one go, under ECT's doubling schedule too."""
+    over = {"net.init": str(diffusion_run), "ct.q": 2, "ct.double_every": 2, "ckpt_every": 3}
+    straight = train(cfg_for(tmp_path / "a", "consistency", iters=6, **over))
+    train(cfg_for(tmp_path / "b", "consistency", iters=3, **over))
+    longer = train(cfg_for(tmp_path / "b", "consistency", iters=6, **over), resume=True)
+    _assert_same_state(_weights(straight), _weights(longer))
+    assert json.loads((Path(longer) / "results.json").read_text())["train"]["iterations"] == 6
+
+
 def test_killed_run_resumes(tmp_path, diffusion_run):
     """SIGKILL mid-training (in a subprocess), then --resume: the result equals an uninterrupted run."""
     args = ["name=killed", f"run_root={tmp_path}", "stage=diffusion", "iters=40", "ckpt_every=2", "log_every=1",
