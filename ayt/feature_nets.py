@@ -4,7 +4,7 @@ docs/method.md section 3.5).
 Each has the interface of ayt.features (`features(x) -> list[Tensor]`, every entry [N, C, H, W]) and the
 parameter names of the authors' classes in 1202kbs/AYT (`src/ayt/classifiers.py`: `DenseNet`,
 `SimpleViT`; `src/ayt/autoencoders.py`: `Autoencoder`, trained by `scripts/train_ae/train_dae.py`), so
-their state dicts load with strict=True (`ayt.features.load_feature_net`).
+their state dicts load with strict=True (`ayt.features.feature_net_from_file`).
 
   DenseNet      the authors' DenseNet (bottleneck blocks [3, 6, 12, 8], growth 16, reduction 0.5).
                 features: the three transition outputs, the pooled ReLU(BN(dense4)) [N, C, 1, 1], the head.

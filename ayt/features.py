@@ -14,7 +14,7 @@ VGG16 with BatchNorm whose parameter names equal the authors' `VGG` (1202kbs/AYT
 Networks: VGG (depths 11/13/16/19, custom configurations, max-pool or strided downsampling; also
 registered under the authors' VGGMod names), ResNet18 / ResNet10 (CIFAR style), MLPFeatures (vector data,
 the 2-D disk experiment); DenseNet, ViT and a denoising autoencoder live in ayt.feature_nets. `build_feature_net`
-is the registry, `freeze` prepares a trained phi for the MFD, `load_feature_net` loads a
+is the registry, `freeze` prepares a trained phi for the MFD, `feature_net_from_file` loads a
 plain state-dict file.
 """
 
@@ -368,7 +368,7 @@ def freeze(net: nn.Module) -> nn.Module:
     return net
 
 
-def load_feature_net(path: Union[str, os.PathLike], name: str, map_location: Union[str, torch.device] = "cpu",
+def feature_net_from_file(path: Union[str, os.PathLike], name: str, map_location: Union[str, torch.device] = "cpu",
                      **kw) -> nn.Module:
     """Build `name` with keywords kw and load a plain state-dict file (e.g. the authors' clf_iter*.pt).
 
@@ -408,4 +408,4 @@ def num_params(net: nn.Module) -> int:
 
 
 __all__ = ["VGG", "VGGBlock", "ResNet18", "BasicBlock", "MLPFeatures", "VGG_CONFIGS", "MINI_VGG_CONFIG",
-           "FEATURE_NETS", "AUTOENCODERS", "build_feature_net", "freeze", "load_feature_net", "num_params", "vgg_config"]
+           "FEATURE_NETS", "AUTOENCODERS", "build_feature_net", "freeze", "feature_net_from_file", "num_params", "vgg_config"]

@@ -10,7 +10,7 @@ import torch
 from ayt import continuous as CT
 from ayt.config import ConfigError, make_config
 from ayt.feature_nets import Patchify, posemb_sincos_2d
-from ayt.features import build_feature_net, freeze, load_feature_net
+from ayt.features import build_feature_net, freeze, feature_net_from_file
 from ayt.losses import MFD
 from ayt.objectives import DenoisingObjective
 from ayt.train import train
@@ -86,7 +86,7 @@ def test_strict_state_dict_round_trip(tmp_path, name):
     torch.manual_seed(0)
     src = build_feature_net(name, resolution=16, in_channels=3, num_outputs=15)
     torch.save({"module." + k: v for k, v in src.state_dict().items()}, tmp_path / "clf.pt")   # DataParallel keys
-    net = load_feature_net(tmp_path / "clf.pt", name, resolution=16, in_channels=3, num_outputs=15).eval()
+    net = feature_net_from_file(tmp_path / "clf.pt", name, resolution=16, in_channels=3, num_outputs=15).eval()
     x = torch.randn(2, 3, 16, 16)
     for a, b in zip(src.eval().features(x), net.features(x)):
         assert torch.equal(a, b)
@@ -94,7 +94,7 @@ def test_strict_state_dict_round_trip(tmp_path, name):
     bad.pop(next(iter(bad)))
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="missing keys"):
-        load_feature_net(tmp_path / "bad.pt", name, resolution=16, in_channels=3, num_outputs=15)
+        feature_net_from_file(tmp_path / "bad.pt", name, resolution=16, in_channels=3, num_outputs=15)
 
 
 def test_vit_patches_and_positions():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ayt.features import (FEATURE_NETS, MINI_VGG_CONFIG, VGG, MLPFeatures, ResNet18, build_feature_net, freeze,
-                          load_feature_net, num_params, vgg_config)
+                          feature_net_from_file, num_params, vgg_config)
 
 # Block names of the authors' VGG16 at 32 px (1202kbs/AYT src/ayt/classifiers.py), in order.
 AUTHORS_VGG16_BLOCKS = [
@@ -154,16 +154,16 @@ def test_load_feature_net(tmp_path):
             p.normal_()
     path = tmp_path / "phi.pt"
     torch.save(src.state_dict(), path)
-    net = freeze(load_feature_net(path, "mini-vgg", resolution=16, num_outputs=4))
+    net = freeze(feature_net_from_file(path, "mini-vgg", resolution=16, num_outputs=4))
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(net(x), src.eval()(x))
     # DataParallel prefix
     torch.save({"module." + k: v for k, v in src.state_dict().items()}, tmp_path / "dp.pt")
-    load_feature_net(tmp_path / "dp.pt", "mini-vgg", resolution=16, num_outputs=4)
+    feature_net_from_file(tmp_path / "dp.pt", "mini-vgg", resolution=16, num_outputs=4)
     with pytest.raises(ValueError, match="shape mismatches: layers.classifier.weight"):
-        load_feature_net(path, "mini-vgg", resolution=16, num_outputs=15)
+        feature_net_from_file(path, "mini-vgg", resolution=16, num_outputs=15)
     with pytest.raises(ValueError, match="missing keys: layers.32x32_block0"):
-        load_feature_net(path, "mini-vgg", resolution=32, num_outputs=4)
+        feature_net_from_file(path, "mini-vgg", resolution=32, num_outputs=4)
     torch.save({"state": [1, 2]}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="plain state dict"):
-        load_feature_net(tmp_path / "bad.pt", "mini-vgg", resolution=16)
+        feature_net_from_file(tmp_path / "bad.pt", "mini-vgg", resolution=16)

@@ -236,3 +236,6 @@ def test_feature_net_from_plain_state_dict(tmp_path, feature_run):
     assert all(torch.equal(a, b) for a, b in zip(phi.features(x), ref.features(x)))
     with pytest.raises(ck.CheckpointError, match="does not match"):
         load_feature_net(str(plain), "vgg11", 16, 3, 15)
+    torch.save({"module." + k: v for k, v in state.items()}, tmp_path / "dp.pt")  # DataParallel keys load too
+    dp = load_feature_net(str(tmp_path / "dp.pt"), "mini-vgg", 16, 3, 15)
+    assert all(torch.equal(a, b) for a, b in zip(dp.features(x), ref.features(x)))
