@@ -674,7 +674,26 @@ def finish_run(cfg: TrainConfig, run_dir: Path, model, ema, ds, device, wall_s: 
         _log(Dist(), "[ayt] feature net R^2 per label: " +
              ", ".join(f"{k} {v:.3f}" for k, v in new["feature_net"]["r2"].items()))
         _log(Dist(), feature_net_verdict_line(new["feature_net"]["verdict"], run_dir))
-    ck.update_json(run_dir / "results.json", lambda results: results.update(new))
+
+    def record(results: dict) -> None:
+        new["train"]["sessions"] = train_sessions(results.get("train"), start_it, cfg.iters, wall_s)
+        results.update(new)
+    ck.update_json(run_dir / "results.json", record)
+
+
+def train_sessions(old: Optional[dict], start_it: int, iters: int, wall_s: float) -> list[dict]:
+    """The sessions that finished the run, oldest first ({from, to, wall_clock_s}): kept in results.json so
+    that a run continued to a larger `iters` still reports the time of its earlier sessions. `old` is the
+    results' previous "train" entry (written before sessions were kept: its one session is recovered)."""
+    old = old or {}
+    past = old.get("sessions")
+    if past is None and "iterations" in old:
+        past = [{"from": old.get("started_at_iteration", 0), "to": old["iterations"],
+                 "wall_clock_s": old.get("wall_clock_s_last_session")}]
+    past = past or []
+    if past and start_it >= iters:  # resumed a finished run without raising iters: nothing trained
+        return past
+    return [*past, {"from": start_it, "to": iters, "wall_clock_s": round(wall_s, 1)}]
 
 
 @torch.no_grad()

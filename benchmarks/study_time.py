@@ -2,9 +2,10 @@
 
 The study (`python -m ayt study`, docs/mini-study.md) runs for hours and is resumable, so its cost is
 measured where it is recorded rather than re-run here:
-  * each run's `results.json`: the training wall clock of its last session (`train.wall_clock_s_last_session`;
-    a resumed run counts only the session that finished it, marked by `started_at_iteration` > 0) and
-    the seconds of each evaluation;
+  * each run's `results.json`: the training wall clock of every session that finished it (`train.sessions`,
+    e.g. 0 -> 2,000 and a continuation 2,000 -> 4,000; older files: `wall_clock_s_last_session`); a run whose
+    first finishing session started past iteration 0 had an interrupted session that is not counted (it is
+    flagged as resumed), and the seconds of each evaluation;
   * the driver's output (`--driver-log`, one per invocation): one "done <job> in <time>" line per finished
     job, and the span of the invocation.
 
@@ -46,8 +47,15 @@ def run_times(run: Path) -> dict | None:
     d = json.loads(res.read_text())
     train = d.get("train", {})
     evals = d.get("eval", [])
-    return {"train_s": train.get("wall_clock_s_last_session"), "iterations": train.get("iterations"),
-            "resumed_from": train.get("started_at_iteration", 0),
+    sessions = train.get("sessions")
+    if sessions:
+        train_s = round(sum(x["wall_clock_s"] or 0.0 for x in sessions), 1)
+        # an unfinished session is missing: the first one started late, or one does not start where the last ended
+        gap = sessions[0]["from"] or next((b["from"] for a, b in zip(sessions, sessions[1:]) if b["from"] != a["to"]), 0)
+    else:
+        train_s, gap = train.get("wall_clock_s_last_session"), train.get("started_at_iteration", 0)
+    return {"train_s": train_s, "iterations": train.get("iterations"), "resumed_from": gap,
+            "sessions": len(sessions) if sessions else (1 if train else 0),
             "eval_s": round(sum(float(r.get("seconds", 0.0)) for r in evals), 1), "evaluations": len(evals)}
 
 

@@ -296,6 +296,13 @@ def test_study_time_benchmark_reads_runs_and_driver_logs(tmp_path):
         r["seconds"] = 2.5
     res.write_text(json.dumps(d))
     fake_run(root, "mini-diffusion", {})
+    longer = fake_run(root, study.run_name("ect-official", 2e-4, 16, 0), {2000: 5.0})  # continued to 4000
+    d = json.loads((longer / "results.json").read_text())
+    d["train"] = {"iterations": 4000, "sessions": [{"from": 0, "to": 2000, "wall_clock_s": 600.0},
+                                                   {"from": 2000, "to": 4000, "wall_clock_s": 700.0}]}
+    (longer / "results.json").write_text(json.dumps(d))
+    assert study_time.run_times(longer)["train_s"] == 1300.0 and study_time.run_times(longer)["resumed_from"] == 0
+    shutil.rmtree(longer)
     t = study_time.dataset_times(root)
     assert set(t["shared"]) == {"mini-diffusion"} and len(t["runs"]) == 1
     assert t["totals"] == {"jobs": 2, "train_s": 20.0, "eval_s": 10.0, "single_core_hours": round(30 / 3600, 2),

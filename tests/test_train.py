@@ -105,7 +105,19 @@ def test_continuing_a_finished_run_equals_the_longer_run(tmp_path, diffusion_run
     train(cfg_for(tmp_path / "b", "consistency", iters=3, **over))
     longer = train(cfg_for(tmp_path / "b", "consistency", iters=6, **over), resume=True)
     _assert_same_state(_weights(straight), _weights(longer))
-    assert json.loads((Path(longer) / "results.json").read_text())["train"]["iterations"] == 6
+    trained = json.loads((Path(longer) / "results.json").read_text())["train"]
+    assert trained["iterations"] == 6 and trained["started_at_iteration"] == 3
+    assert [(x["from"], x["to"]) for x in trained["sessions"]] == [(0, 3), (3, 6)]  # both sessions' time is kept
+
+
+def test_train_sessions_recover_the_old_single_session_entry():
+    from ayt.train import train_sessions
+    old = {"iterations": 2000, "wall_clock_s_last_session": 650.0, "started_at_iteration": 0}
+    assert train_sessions(old, 2000, 4000, 700.04) == [{"from": 0, "to": 2000, "wall_clock_s": 650.0},
+                                                        {"from": 2000, "to": 4000, "wall_clock_s": 700.0}]
+    assert train_sessions(None, 0, 10, 1.0) == [{"from": 0, "to": 10, "wall_clock_s": 1.0}]
+    again = train_sessions(old, 2000, 2000, 0.5)  # a finished run resumed without raising iters
+    assert again == [{"from": 0, "to": 2000, "wall_clock_s": 650.0}]
 
 
 def test_killed_run_resumes(tmp_path, diffusion_run):
