@@ -736,6 +736,12 @@ def direction_labels(name: str, curves: dict[str, list[float]]) -> dict[str, str
     return out
 
 
+def _run_color(name: str, index: int) -> str:
+    """A tangent study run's colour: its method's (METHOD_STYLES: 'ect' as ECT, 'ayt' as AYT), so that a figure
+    looks the same whatever order the runs come in (notebook 04's dict or the results.json notebook 05 reads)."""
+    return METHOD_STYLES.get(name.upper(), {}).get("color", f"C{(index + 6) % 10}")
+
+
 def plot_tangent_fractions_vs_t(res: dict, path: PathLike, checkpoint: int = -1) -> Path:
     """`tangent_fractions_figure` written to `path` (PNG); returns the path."""
     return _save(tangent_fractions_figure(res, checkpoint), path)
@@ -757,7 +763,7 @@ def tangent_fractions_figure(res: dict, checkpoint: int = -1):
             curves = direction_curves(run, ts, measure, checkpoint)
             labels = direction_labels(name, curves)
             for k, ys in curves.items():
-                ax.plot(ts, ys, color=f"C{ri}", label=labels[k], **_DIR_STYLES[k])
+                ax.plot(ts, ys, color=_run_color(name, ri), label=labels[k], **_DIR_STYLES[k])
     axes[0].set_ylabel(TANGENT_LABEL)
     axes[0].set_ylim(-0.02, 1.02)
     if toward:
@@ -803,7 +809,7 @@ def tangent_over_training_figure(res: dict, ts: Optional[Sequence[float]] = None
     fig, axes = _new_figure(1, 3, figsize=(13, 3.8))
     axes = axes[0]
     for ri, (name, run) in enumerate(res["runs"].items()):
-        color = f"C{ri}"
+        color = _run_color(name, ri)
         recs = [run["per_t"][f"{t:g}"] for t in ts]
 
         def mean_over_t(values):

@@ -110,6 +110,16 @@ def test_tangent_figures_plot_the_tangent_fraction_under_one_label():
     assert _labels_match_scales(fig) == 2 and _labels_match_scales(over) == 3
 
 
+def test_tangent_figures_colour_a_run_by_its_method_whatever_the_order():
+    res = _study()
+    flipped = {**res, "runs": dict(reversed(list(res["runs"].items())))}
+    for make in (P.tangent_fractions_figure, P.tangent_over_training_figure):
+        colours = [{l.get_label(): l.get_color() for a in make(r).axes for l in a.get_lines()} for r in (res, flipped)]
+        assert colours[0] == colours[1]
+        assert colours[0]["ect run: ECT update"] == P.METHOD_STYLES["ECT"]["color"]
+        assert colours[0]["ayt run: ECT update"] == P.METHOD_STYLES["AYT"]["color"]
+
+
 def test_over_training_needs_three_checkpoints(tmp_path):
     res = _study(n_ckpt=2)
     note = P.over_training_note(res)
