@@ -376,10 +376,15 @@ def feature_net_from_file(path: Union[str, os.PathLike], name: str, map_location
     (DataParallel) is stripped. Raises ValueError naming missing, unexpected and mis-shaped keys.
     The network is returned in training mode with gradients on; see `freeze`.
     """
+    return feature_net_from_state(torch.load(path, map_location=map_location, weights_only=True), name,
+                                  os.fspath(path), **kw)
+
+
+def feature_net_from_state(state, name: str, source: str = "state dict", **kw) -> nn.Module:
+    """`feature_net_from_file` for an already loaded object (`source` names it in errors)."""
     net = build_feature_net(name, **kw)
-    state = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{os.fspath(path)!r} is not a plain state dict (a mapping of names to tensors)")
+        raise ValueError(f"{source!r} is not a plain state dict (a mapping of names to tensors)")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     own = net.state_dict()
@@ -390,7 +395,7 @@ def feature_net_from_file(path: Union[str, os.PathLike], name: str, map_location
     if missing or unexpected or shapes:
         def show(items: list[str]) -> str:
             return ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
-        lines = [f"state dict {os.fspath(path)!r} does not match feature net {name!r} {kw}:"]
+        lines = [f"state dict {source!r} does not match feature net {name!r} {kw}:"]
         if missing:
             lines.append(f"  missing keys: {show(missing)}")
         if unexpected:
@@ -408,4 +413,5 @@ def num_params(net: nn.Module) -> int:
 
 
 __all__ = ["VGG", "VGGBlock", "ResNet18", "BasicBlock", "MLPFeatures", "VGG_CONFIGS", "MINI_VGG_CONFIG",
-           "FEATURE_NETS", "AUTOENCODERS", "build_feature_net", "freeze", "feature_net_from_file", "num_params", "vgg_config"]
+           "FEATURE_NETS", "AUTOENCODERS", "build_feature_net", "freeze", "feature_net_from_file",
+           "feature_net_from_state", "num_params", "vgg_config"]

@@ -29,7 +29,7 @@ import torch
 from . import checkpoint as ck
 from .config import ConfigError, TrainConfig, from_dict
 from .data import dataset_kwargs, get_dataset
-from .features import build_feature_net, feature_net_from_file, freeze
+from .features import build_feature_net, feature_net_from_state, freeze
 from .networks import NETWORK_CONFIGS, build_network, load_edm_checkpoint, load_into
 
 # EDM's released checkpoints (Karras et al. 2022), downloaded on demand when net.init names one.
@@ -138,7 +138,8 @@ def load_feature_net(path: str, arch: str, resolution: int, in_channels: int, nu
         ck.load_state_dict_strict(phi, ckpt["model"], f"feature net {p}")
     else:  # a plain state dict, e.g. the authors' clf_iter*.pt (DataParallel 'module.' prefixes are stripped)
         try:
-            phi = feature_net_from_file(p, arch, resolution=resolution, in_channels=in_channels, num_outputs=num_outputs)
+            phi = feature_net_from_state(obj, arch, str(p), resolution=resolution, in_channels=in_channels,
+                                         num_outputs=num_outputs)
         except ValueError as e:
             raise ck.CheckpointError(f"ct.feature_net={p}: {e}") from None
     return freeze(phi)

@@ -458,16 +458,16 @@ def summarize_dataset(ds_root: Path) -> dict:
     out["headline"] = reach(groups["ect"], groups["ayt"], "ect", "ayt", horizon)
     per_seed = out["headline"]["per_seed"]
     if horizon > ITERS:
-        out["headline_by_horizon"] = {str(h): reach(groups["ect"], groups["ayt"], "ect", "ayt", h)
-                                      for h in HORIZONS if h <= horizon}
+        out["headline_by_horizon"] = {str(h): out["headline"] if h == horizon else
+                                      reach(groups["ect"], groups["ayt"], "ect", "ayt", h) for h in HORIZONS if h <= horizon}
         out["long"] = {k: {"iteration": horizon, **_finals(groups[k], horizon)} for k in ("ayt", "ect")}
     # Batch claim: AYT at batch 16 vs the better ECT at batch 64, both at BIG_BATCH_ITERS iterations.
     ayt_at = [curve(p).get(BIG_BATCH_ITERS) for p in groups["ayt"].values()]
     big = [curve(p).get(BIG_BATCH_ITERS) for p in groups["ect_bs64"].values()]
     if all(v is not None for v in ayt_at + big) and ayt_at and big:
         out["batch_claim"] = {"iteration": BIG_BATCH_ITERS, "ayt_bs16": _stats(ayt_at), "ect_bs64": _stats(big)}
-    # complete: every arm selected, every reporting group evaluated on all seeds, headline and batch claim
-    # complete also needs ECT flattened by the horizon, or the horizon at its last value
+    # complete: every arm selected, every reporting group evaluated on all seeds, headline and batch claim,
+    # and ECT flattened by the horizon (or the horizon at its last value)
     out["complete"] = bool(set(sel) == set(ARMS) and len(per_seed) == len(SEEDS) and "batch_claim" in out
                            and all(len(g) == len(SEEDS) for g in groups.values())
                            and (out["ect_flattening"]["flattened"] or horizon == HORIZONS[-1]))
@@ -499,16 +499,17 @@ def _cell(stats: Optional[dict], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(stats['mean'])} ({fmt.format(stats['min'])}-{fmt.format(stats['max'])})"
 
 
-def _score_table(groups: dict) -> list[str]:
+def _score_table(rows: list[tuple[str, dict]]) -> list[str]:
+    """One table row per (group key, group finals); a group may appear at several iterations."""
     cols = [("fd_eval_1step", "{:.2f}"), ("fd_eval_2step", "{:.2f}"), ("swd_1step", "{:.1f}"),
             ("precision_1step", "{:.2f}"), ("recall_1step", "{:.2f}")]
     out = ["| run | seeds | iterations | FD_eval 1-step | FD_eval 2-step | SWD 1-step | precision | recall |",
            "|---|---|---|---|---|---|---|---|"]
-    for k, g in groups.items():
+    for k, g in rows:
         n = max((g[c]["seeds"] for c, _ in cols if c in g), default=0)
         if n == 0:  # nothing evaluated yet
             continue
-        out.append(f"| {GROUP_LABELS.get(k.split('@')[0], k)} | {n} | {g.get('iteration', ITERS)} | "
+        out.append(f"| {GROUP_LABELS.get(k, k)} | {n} | {g.get('iteration', ITERS)} | "
                    + " | ".join(_cell(g.get(c), f) for c, f in cols) + " |")
     return out
 
@@ -564,8 +565,7 @@ def report_markdown(summary: dict) -> str:
         if bc:
             lines.append(f"- batch claim at iteration {bc['iteration']}: AYT at batch 16 {_cell(bc['ayt_bs16'])}, "
                          f"better ECT at batch {BIG_BATCH} {_cell(bc['ect_bs64'])} (1-step FD_eval)")
-        long = {f"{k}@{g['iteration']}": g for k, g in d.get("long", {}).items()}
-        table = _score_table({**d.get("groups", {}), **long})
+        table = _score_table([*d.get("groups", {}).items(), *d.get("long", {}).items()])
         if len(table) > 2:
             lines += ["", *table]
         fam = d.get("family")
@@ -573,7 +573,7 @@ def report_markdown(summary: dict) -> str:
             lines += ["", f"*Family arms* ({'complete' if fam['complete'] else 'incomplete'}; learning rates "
                       + ", ".join(f"{a} {lr:g}" for a, lr in fam["lr"].items()) + ")", ""]
             lines += [_reach_line(f"{b} vs {c}", fam["pairs"][f"{b}_vs_{c}"], b, c) for b, c in FAMILY_PAIRS]
-            lines += ["", *_score_table(fam["groups"])]
+            lines += ["", *_score_table(list(fam["groups"].items()))]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

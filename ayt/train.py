@@ -681,16 +681,23 @@ def finish_run(cfg: TrainConfig, run_dir: Path, model, ema, ds, device, wall_s: 
     ck.update_json(run_dir / "results.json", record)
 
 
+def finished_sessions(train: Optional[dict]) -> list[dict]:
+    """The sessions recorded in a results.json "train" entry ([] when there is none); an entry written before
+    sessions were kept gives its one (last) session."""
+    train = train or {}
+    if "sessions" in train:
+        return list(train["sessions"])
+    if not train:
+        return []
+    return [{"from": train.get("started_at_iteration", 0), "to": train.get("iterations"),
+             "wall_clock_s": train.get("wall_clock_s_last_session")}]
+
+
 def train_sessions(old: Optional[dict], start_it: int, iters: int, wall_s: float) -> list[dict]:
     """The sessions that finished the run, oldest first ({from, to, wall_clock_s}): kept in results.json so
     that a run continued to a larger `iters` still reports the time of its earlier sessions. `old` is the
     results' previous "train" entry (written before sessions were kept: its one session is recovered)."""
-    old = old or {}
-    past = old.get("sessions")
-    if past is None and "iterations" in old:
-        past = [{"from": old.get("started_at_iteration", 0), "to": old["iterations"],
-                 "wall_clock_s": old.get("wall_clock_s_last_session")}]
-    past = past or []
+    past = finished_sessions(old)
     if past and start_it >= iters:  # resumed a finished run without raising iters: nothing trained
         return past
     return [*past, {"from": start_it, "to": iters, "wall_clock_s": round(wall_s, 1)}]

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ayt import study  # noqa: E402
+from ayt.train import finished_sessions  # noqa: E402
 
 # ayt.progress.fmt_time writes '4m07s' below an hour and '2h05m' above (older drivers: '1h14m16s')
 DONE = re.compile(r"^\[study (?:(\d+)h)?(\d+)m(?:(\d+)s)?\] done\s+(.+?)\s+in (?:(\d+)h)?(\d+)m(?:(\d+)s)?")
@@ -47,15 +48,12 @@ def run_times(run: Path) -> dict | None:
     d = json.loads(res.read_text())
     train = d.get("train", {})
     evals = d.get("eval", [])
-    sessions = train.get("sessions")
-    if sessions:
-        train_s = round(sum(x["wall_clock_s"] or 0.0 for x in sessions), 1)
-        # an unfinished session is missing: the first one started late, or one does not start where the last ended
-        gap = sessions[0]["from"] or next((b["from"] for a, b in zip(sessions, sessions[1:]) if b["from"] != a["to"]), 0)
-    else:
-        train_s, gap = train.get("wall_clock_s_last_session"), train.get("started_at_iteration", 0)
-    return {"train_s": train_s, "iterations": train.get("iterations"), "resumed_from": gap,
-            "sessions": len(sessions) if sessions else (1 if train else 0),
+    sessions = finished_sessions(train)
+    train_s = round(sum(x["wall_clock_s"] or 0.0 for x in sessions), 1) if sessions else None
+    # an unfinished session is missing: the first one started late, or one does not start where the last ended
+    gap = (sessions[0]["from"] or next((b["from"] for a, b in zip(sessions, sessions[1:]) if b["from"] != a["to"]), 0)
+           if sessions else 0)
+    return {"train_s": train_s, "iterations": train.get("iterations"), "resumed_from": gap, "sessions": len(sessions),
             "eval_s": round(sum(float(r.get("seconds", 0.0)) for r in evals), 1), "evaluations": len(evals)}
 
 
