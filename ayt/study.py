@@ -199,18 +199,22 @@ class Study:
         sel = selection(self.root / ds)
         ect = better_ect(sel)
         # seed by seed, AYT beside the better ECT: each finished pair adds one seed to the headline
-        pairs = [self.pool.submit(self.ct_run, ds, arm, picks[arm], s) for s in SEEDS for arm in ("ayt", ect)]
+        pairs = {(s, arm): self.pool.submit(self.ct_run, ds, arm, picks[arm], s)
+                 for s in SEEDS for arm in ("ayt", ect)}
         rest = [self.pool.submit(self.ct_run, ds, "ayt", picks["ayt"], s, 16, True) for s in SEEDS]
         rest += [self.pool.submit(self.ct_run, ds, ect, picks[ect], s, BIG_BATCH) for s in SEEDS]
-        runs = [f.result() for f in pairs]
+        ect_runs = [pairs[s, ect].result() for s in SEEDS]
+        [f.result() for f in pairs.values()]
         for short, long in zip(HORIZONS, HORIZONS[1:]):
-            fl = flattening([curve(r) for r in runs[1::2]], short)
+            fl = flattening([curve(r) for r in ect_runs], short)
             if fl["flattened"]:
                 break
             self.say(f"{ds}: ECT's 1-step FD_eval still changes by {100 * fl['relative_change']:.1f}% from "
                      f"{fl['from']} to {short}: continuing AYT and ECT to {long} iterations")
-            runs = [f.result() for f in [self.pool.submit(self.ct_run, ds, arm, picks[arm], s, iters=long)
-                                         for s in SEEDS for arm in ("ayt", ect)]]
+            longer = {(s, arm): self.pool.submit(self.ct_run, ds, arm, picks[arm], s, iters=long)
+                      for s in SEEDS for arm in ("ayt", ect)}
+            ect_runs = [longer[s, ect].result() for s in SEEDS]
+            [f.result() for f in longer.values()]
         [j.result() for j in rest]
 
     def family(self, ds: str) -> None:
