@@ -466,6 +466,12 @@ _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _MODE_CHANNELS = {"1": ("L", 1), "L": ("L", 1), "P": ("RGB", 3), "RGB": ("RGB", 3), "RGBA": ("RGBA", 4)}
 _CHANNEL_KIND = {1: "grayscale", 3: "RGB", 4: "RGBA"}
 LABEL_SOURCES = ("auto", "json", "folders", "none")
+
+
+def _is_hidden(name: str) -> bool:
+    """A '/'-separated relative path that no dataset should read: a part starting with '.' (.DS_Store,
+    .ipynb_checkpoints/, macOS' AppleDouble ._x.png) or the __MACOSX/ folder of zips made by Finder."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in name.split("/"))
 _PROGRESS_FILES = 2000  # validating at least this many files reports progress (about a second of decoding)
 
 
@@ -487,7 +493,13 @@ class _FileImageDataset(ImageDataset):
         self.path = str(path)
         self.name = os.path.splitext(os.path.basename(os.path.normpath(self.path)))[0]
         all_names = self._list_files()
+        hidden = {n for n in all_names if _is_hidden(n)}
+        all_names -= hidden
         self.image_names = sorted(n for n in all_names if n.lower().endswith(_IMAGE_EXTENSIONS))
+        hidden_images = sorted(n for n in hidden if n.lower().endswith(_IMAGE_EXTENSIONS))
+        if hidden_images:  # e.g. macOS' AppleDouble files ._x.png, or __MACOSX/ in a zip made by Finder
+            print(f"[data] {self.path}: ignored {len(hidden_images)} hidden image file(s) (a path part starts "
+                  f"with '.' or is __MACOSX), e.g. {hidden_images[0]}", flush=True)
         if not self.image_names:
             others = sorted(n for n in all_names if n != "dataset.json")
             what = (f"it holds {len(others)} other file(s), e.g. {', '.join(others[:3])}" if others

@@ -291,6 +291,29 @@ def test_unreadable_files_are_named_or_skipped_with_a_count(tmp_path, capsys, ki
     assert bad not in ds.image_names and "00001/garbage.png" not in ds.image_names
 
 
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_hidden_files_and_macos_metadata_are_ignored(tmp_path, capsys, kind):
+    src = tmp_path / "src"
+    files = write_pngs(str(src), n=4, class_dirs=True)
+    # what Finder and Jupyter leave behind: AppleDouble files (not images), __MACOSX/, checkpoint folders
+    (src / "class0" / "._img00000000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (src / "__MACOSX" / "class1").mkdir(parents=True)
+    (src / "__MACOSX" / "class1" / "._img00000001.png").write_bytes(b"\x00\x05\x16\x07")
+    (src / ".ipynb_checkpoints").mkdir()
+    PIL.Image.new("L", (5, 5)).save(src / ".ipynb_checkpoints" / "grey.png")  # would fail every check
+    root = src
+    if kind == "zip":
+        root = tmp_path / "data.zip"
+        with zipfile.ZipFile(root, "w") as z:
+            for p in sorted(q for q in src.rglob("*") if q.is_file()):
+                z.write(p, p.relative_to(src).as_posix())
+    capsys.readouterr()
+    ds = D.get_dataset(kind, root=str(root), conditional=True, labels="folders")
+    assert "ignored 3 hidden image file(s)" in capsys.readouterr().out
+    assert ds.image_names == sorted(files) and ds.class_names == ["class0", "class1"]
+    check_items(ds, 4, 3, 8, 2)
+
+
 def test_mixed_channels_name_one_file_of_each_kind(tmp_path):
     write_pngs(str(tmp_path), n=3)
     PIL.Image.new("L", (8, 8)).save(tmp_path / "grey.png")
