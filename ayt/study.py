@@ -131,9 +131,17 @@ class Study:
         run = root / name
         if _trained(run, iters):
             return run
-        self._run([sys.executable, "-m", "ayt", "train", "--preset", preset, "--resume", f"name={name}",
-                   f"run_root={root}", f"device={self.device}", *DATA_OVERRIDES[ds], *overrides],
-                  root / "logs" / f"{name}.log", f"{ds}/{name}")
+        if diverged_at(run) is not None:  # deterministic: resuming would diverge again
+            self.say(f"skip   {ds}/{name}: it diverged at iteration {diverged_at(run)} (non-finite loss)")
+            return run
+        try:
+            self._run([sys.executable, "-m", "ayt", "train", "--preset", preset, "--resume", f"name={name}",
+                       f"run_root={root}", f"device={self.device}", *DATA_OVERRIDES[ds], *overrides],
+                      root / "logs" / f"{name}.log", f"{ds}/{name}")
+        except RuntimeError:
+            if diverged_at(run) is None:
+                raise
+            self.say(f"{ds}/{name} diverged at iteration {diverged_at(run)} (non-finite loss): a result, not retried")
         return run
 
     def evaluate(self, ds: str, run: Path, iters: int, at=EVAL_ITERS) -> None:
@@ -173,8 +181,10 @@ class Study:
         over = [*extra, f"optim.lr={lr}", f"seed={seed}", f"batch={batch}", f"iters={iters}",
                 f"net.init={root / 'mini-diffusion'}", f"ct.feature_net={feature_net}"]
         run = self.train(ds, preset, name, over, iters)
-        # selection runs are scored at their end only; reporting runs get the whole curve
-        self.evaluate(ds, run, iters, (ITERS,) if seed == SELECTION_SEED else EVAL_ITERS)
+        # selection runs are scored at their end only; reporting runs get the whole curve; a diverged run
+        # keeps the evaluations it had (a continued run's shorter horizon) and gets no new ones
+        if diverged_at(run) is None:
+            self.evaluate(ds, run, iters, (ITERS,) if seed == SELECTION_SEED else EVAL_ITERS)
         return run
 
     def select(self, ds: str, arm: str) -> float:
@@ -263,6 +273,13 @@ def _trained(run: Path, iters: int = 0) -> bool:
     return train is not None and train.get("iterations", 0) >= iters
 
 
+def diverged_at(run: Path) -> Optional[int]:
+    """The iteration at which the run stopped on a non-finite loss (results.json "diverged"), else None."""
+    res = run / "results.json"
+    div = json.loads(res.read_text()).get("diverged") if res.exists() else None
+    return None if div is None else int(div["iteration"])
+
+
 def _records(run: Path) -> list[dict]:
     res = run / "results.json"
     return json.loads(res.read_text()).get("eval", []) if res.exists() else []
@@ -279,16 +296,20 @@ def curve(run: Path, sampler: str = "1step", key: str = METRIC) -> dict[int, flo
 
 
 def final_score(run: Path, sampler: str = "1step", it: Optional[int] = None) -> float:
+    """The final 1-step FD_eval; +inf for a run that diverged before it (the worst score in a selection)."""
     it = it or (BIG_BATCH_ITERS if f"-bs{BIG_BATCH}-" in run.name else ITERS)
     c = curve(run, sampler)
+    if it not in c and diverged_at(run) is not None:
+        return float("inf")
     if it not in c:
         raise KeyError(f"{run}: no {sampler} {METRIC} evaluation at iteration {it}")
     return c[it]
 
 
 def pick_lr(scores: dict[float, float]) -> tuple[float, Optional[str]]:
-    """(best lr, 'lower'/'upper' when it sits at an edge of the grid, else None)."""
-    pick = min(scores, key=lambda lr: scores[lr])
+    """(best lr, 'lower'/'upper' when it sits at an edge of the grid, else None). Ties (every run diverged:
+    all +inf) go to the lowest learning rate, so the grid is extended downwards."""
+    pick = min(scores, key=lambda lr: (scores[lr], lr))
     edge = "lower" if pick == min(scores) else "upper" if pick == max(scores) else None
     return pick, edge
 
@@ -319,20 +340,26 @@ def flattening(curves: list[dict[int, float]], horizon: int) -> dict:
             "tolerance": FLAT_TOL, "flattened": bool(abs(a - b) / a < FLAT_TOL)}
 
 
-def _runs(ds_root: Path) -> dict[str, dict]:
-    """Consistency runs of one dataset that have evaluations: name -> parsed name."""
+def _runs(ds_root: Path, with_diverged: bool = False) -> dict[str, dict]:
+    """Consistency runs of one dataset that have evaluations (and, `with_diverged`, those that diverged):
+    name -> parsed name."""
     out = {}
     for p in sorted(ds_root.iterdir()) if ds_root.is_dir() else []:
         meta = parse_run_name(p.name)
-        if meta is not None and curve(p):
+        if meta is not None and (curve(p) or with_diverged and diverged_at(p) is not None):
             out[p.name] = meta
     return out
 
 
+def diverged_runs(ds_root: Path) -> dict[str, int]:
+    """name -> iteration of every consistency run of the dataset that stopped on a non-finite loss."""
+    return {n: diverged_at(ds_root / n) for n in _runs(ds_root, with_diverged=True) if diverged_at(ds_root / n) is not None}
+
+
 def selection(ds_root: Path) -> dict:
-    """Per arm: {lr: final 1-step FD_eval} on the selection seed, and the pick."""
+    """Per arm: {lr: final 1-step FD_eval, None when the run diverged} on the selection seed, and the pick."""
     out = {}
-    for name, m in _runs(ds_root).items():
+    for name, m in _runs(ds_root, with_diverged=True).items():
         if m["seed"] == SELECTION_SEED and m["batch"] == 16 and not m["control"]:
             try:
                 out.setdefault(m["arm"], {"scores": {}})["scores"][m["lr"]] = final_score(ds_root / name)
@@ -340,7 +367,7 @@ def selection(ds_root: Path) -> dict:
                 continue
     for arm, s in out.items():
         s["pick"], s["edge"] = pick_lr(s["scores"])
-        s["scores"] = {f"{lr:g}": v for lr, v in sorted(s["scores"].items())}
+        s["scores"] = {f"{lr:g}": v if np.isfinite(v) else None for lr, v in sorted(s["scores"].items())}
     return out
 
 
@@ -357,7 +384,11 @@ def better_ect(sel: dict) -> str:
     have = [a for a in ECT_ARMS if a in sel]
     if not have:
         raise KeyError("no ECT arm has finished its selection runs")
-    return min(have, key=lambda a: sel[a]["scores"][f"{sel[a]['pick']:g}"])
+    return min(have, key=lambda a: _or_inf(sel[a]["scores"][f"{sel[a]['pick']:g}"]))
+
+
+def _or_inf(score: Optional[float]) -> float:
+    return float("inf") if score is None else score
 
 
 def _stats(values: list[float]) -> dict:
@@ -414,8 +445,9 @@ def summarize_family(ds_root: Path, sel: dict, ayt_group: dict[int, Path]) -> Op
                             for k, g in groups.items()}}
     groups["ayt"] = ayt_group
     out["pairs"] = {f"{b}_vs_{c}": reach(groups[b], groups[c], b, c) for b, c in FAMILY_PAIRS}
-    out["complete"] = all(len(groups[a]) == len(SEEDS) and all(ITERS in curve(p) for p in groups[a].values())
-                          for a in FAMILY_ARMS)
+    # complete: every arm's run at every seed evaluated at ITERS, or diverged (a result, not retried)
+    out["complete"] = all(ITERS in curve(p) or diverged_at(p) is not None
+                          for a in FAMILY_ARMS for p in [ds_root / run_name(a, lrs[a], 16, s) for s in SEEDS])
     return out
 
 
@@ -478,6 +510,8 @@ def summarize_dataset(ds_root: Path) -> dict:
     fam = summarize_family(ds_root, sel, groups["ayt"])
     if fam is not None:
         out["family"] = fam
+    if diverged_runs(ds_root):
+        out["diverged"] = diverged_runs(ds_root)
     out["wall_clock_s"] = {n: json.loads((ds_root / n / "results.json").read_text())["train"].get(
         "wall_clock_s_last_session") for n in runs}
     return out
@@ -550,7 +584,7 @@ def report_markdown(summary: dict) -> str:
                              + ", ".join(f"{k}: {x:.3f}" for k, x in fn["rmse"].items()))
         sel = d.get("selection", {})
         for arm, s in sel.items():
-            scores = ", ".join(f"{lr}: {v:.2f}" for lr, v in s["scores"].items())
+            scores = ", ".join(f"{lr}: " + ("diverged" if v is None else f"{v:.2f}") for lr, v in s["scores"].items())
             lines.append(f"- selection, {ARM_LABELS.get(arm, arm)}: {scores}; pick {s['pick']:g}"
                          + (f" (at the {s['edge']} edge)" if s.get("edge") else ""))
         if "better_ect" in d:
@@ -569,6 +603,9 @@ def report_markdown(summary: dict) -> str:
         if bc:
             lines.append(f"- batch claim at iteration {bc['iteration']}: AYT at batch 16 {_cell(bc['ayt_bs16'])}, "
                          f"better ECT at batch {BIG_BATCH} {_cell(bc['ect_bs64'])} (1-step FD_eval)")
+        if d.get("diverged"):
+            lines.append("- diverged (non-finite loss; not retried, left out of the means): "
+                         + ", ".join(f"{n} at iteration {i}" for n, i in d["diverged"].items()))
         table = _score_table([*d.get("groups", {}).items(), *d.get("long", {}).items()])
         if len(table) > 2:
             lines += ["", *table]

@@ -246,7 +246,7 @@ class NonFiniteWatch:
             where = (f"first at iteration {first} (checked at iteration {it}, nan_check_every); the weights were "
                      f"updated since, but no checkpoint was written after the last check")
         raise NonFiniteLossError(f"non-finite loss {where}. The last checkpoint is {last_ckpt()}; lower optim.lr or "
-                                 "check the data / initial weights")
+                                 "check the data / initial weights", first)
 
 
 def train_step(cfg: TrainConfig, d: Dist, it: int, nets: tuple, model: torch.nn.Module, ema: torch.nn.Module,
@@ -307,7 +307,19 @@ def _rng_state() -> dict:
 # The run
 
 class NonFiniteLossError(FloatingPointError):
-    pass
+    """A non-finite loss stopped the run; `iteration` is the first (0-based loop index) that produced one."""
+
+    def __init__(self, message: str, iteration: int = -1):
+        super().__init__(message)
+        self.iteration = iteration
+
+
+def record_divergence(run_dir: Path, exc: NonFiniteLossError) -> None:
+    """Note in results.json that the run stopped on a non-finite loss ("diverged": iteration, message), so that
+    sweeps (the mini study) can count it as a result instead of retrying it; a later finish removes the note."""
+    if run_dir.is_dir():
+        ck.update_json(run_dir / "results.json",
+                       lambda r: r.update(diverged={"iteration": exc.iteration, "message": str(exc)}))
 
 
 # Settings that do not change the weights a run produces: they may differ on --resume (a moved or
@@ -430,6 +442,10 @@ def train(cfg: TrainConfig, resume: bool = False, eval_fn: Optional[Callable] = 
     try:
         _raise_on_all_ranks(d, failure)
         return _train(cfg, d, resume, eval_fn, stop_after, allow_world_change)
+    except NonFiniteLossError as e:
+        if d.is_main:
+            record_divergence(run_dir, e)
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -677,6 +693,7 @@ def finish_run(cfg: TrainConfig, run_dir: Path, model, ema, ds, device, wall_s: 
 
     def record(results: dict) -> None:
         new["train"]["sessions"] = train_sessions(results.get("train"), start_it, cfg.iters, wall_s)
+        results.pop("diverged", None)  # a run that finished has not diverged (an earlier session may have)
         results.update(new)
     ck.update_json(run_dir / "results.json", record)
 

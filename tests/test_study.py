@@ -346,3 +346,52 @@ def test_readme_study_numbers_are_the_committed_summary():
     block = readme.split(start, 1)[1].split(end, 1)[0]
     summary = json.loads((repo / "figures" / "mini-study.json").read_text())
     assert block == study.report_markdown(summary)
+
+
+def fake_diverged_run(ds_root, name, iteration=812):
+    run = ds_root / name
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"diverged": {"iteration": iteration, "message": "non-finite loss"}}))
+    return run
+
+
+def test_a_diverged_run_is_a_result_not_a_crash(tmp_path, monkeypatch):
+    """A run stopped by a non-finite loss (results.json "diverged") scores +inf in the selection, is named in
+    the summary and the report, counts as done for the family, and the driver neither fails nor retries it."""
+    root = tmp_path / "shapes"
+    _populate(root)
+    shutil.rmtree(root / study.run_name("ayt", 5e-4, 16, study.SELECTION_SEED))
+    fake_diverged_run(root, study.run_name("ayt", 5e-4, 16, study.SELECTION_SEED))
+    sel = study.selection(root)["ayt"]
+    assert sel["scores"]["0.0005"] is None and sel["pick"] == 2e-4 and sel["edge"] is None  # bracketed by it
+    assert study.pick_lr({1e-4: float("inf"), 2e-4: float("inf")}) == (1e-4, "lower")  # all diverged: go down
+    d = study.summarize_dataset(root)
+    assert d["diverged"] == {study.run_name("ayt", 5e-4, 16, study.SELECTION_SEED): 812} and d["complete"]
+    md = study.report_markdown({"datasets": {"shapes": d}})
+    assert "0.0002: 4.00, 0.0005: diverged; pick 0.0002" in md
+    assert "- diverged (non-finite loss; not retried, left out of the means): ayt-lr0.0005-bs16-s100 at iteration 812" in md
+    # family: a diverged seed is done (the arm is complete), and the pair uses the seeds that finished
+    for seed in study.SEEDS:
+        for arm in study.FAMILY_ARMS:
+            name = study.run_name(arm, 2e-4, 16, seed)
+            fake_diverged_run(root, name, 300) if (arm, seed) == ("ct-ayt", 1) else fake_run(root, name, {2000: 9.0})
+    fam = study.summarize_dataset(root)["family"]
+    assert fam["complete"] and [s["seed"] for s in fam["pairs"]["ct_vs_ct-ayt"]["per_seed"]] == [0, 2]
+    assert fam["groups"]["ct-ayt"]["fd_eval_1step"]["seeds"] == 2
+    # the driver: a run that diverges is reported and returned; next time it is skipped; other failures raise
+    said, ran = [], []
+
+    def fake_run_job(self, cmd, log, what):
+        ran.append(what)
+        if "boom" not in what:
+            fake_diverged_run(tmp_path / "photos", what.split("/")[1], 40)
+        raise RuntimeError(f"{what} failed (exit 1)")
+    monkeypatch.setattr(study.Study, "_run", fake_run_job)
+    s = study.Study(tmp_path, workers=1, log=said.append)
+    run = s.train("photos", "mini-ayt", "ayt-lr0.01-bs16-s100", [], 2000)
+    assert study.diverged_at(run) == 40 and "diverged at iteration 40 (non-finite loss): a result, not retried" in said[-1]
+    assert study.final_score(run) == float("inf")
+    s.train("photos", "mini-ayt", "ayt-lr0.01-bs16-s100", [], 2000)
+    assert ran == ["photos/ayt-lr0.01-bs16-s100"] and "skip   photos/ayt-lr0.01-bs16-s100" in said[-1]
+    with pytest.raises(RuntimeError, match="boom"):
+        s.train("photos", "mini-ayt", "boom", [], 2000)

@@ -220,9 +220,17 @@ def nan_loss_from(monkeypatch, first: int) -> None:
 def test_nan_loss_stops_before_update(tmp_path, diffusion_run, monkeypatch):
     nan_loss_from(monkeypatch, 4)
     cfg = cfg_for(tmp_path, "diffusion", tag="nan")
-    with pytest.raises(NonFiniteLossError, match="iteration 4"):
+    with pytest.raises(NonFiniteLossError, match="iteration 4") as err:
         train(cfg)
+    assert err.value.iteration == 4
     assert [it for it, _ in ck.list_checkpoints(tmp_path / cfg.name)] == [3]
+    # results.json says so (sweeps count a diverged run as a result); a later finish removes the note
+    res = tmp_path / cfg.name / "results.json"
+    diverged = json.loads(res.read_text())["diverged"]
+    assert diverged["iteration"] == 4 and "non-finite loss at iteration 4" in diverged["message"]
+    monkeypatch.undo()
+    train(cfg, resume=True)
+    assert "diverged" not in json.loads(res.read_text()) and json.loads(res.read_text())["train"]["iterations"] == cfg.iters
 
 
 def test_cli_errors(tmp_path):
