@@ -3,8 +3,9 @@
     python -m ayt study [--run-root runs/study] [--workers 2] [--device cpu] [--datasets shapes,photos] [--family]
 
 The protocol (docs/mini-study.md) in one command, resumable: finished runs are skipped,
-interrupted ones resume from their last checkpoint, and every started and finished run prints one
-line with its log path. Per dataset (a sub-directory of the run root):
+interrupted ones resume from their last checkpoint, every started and finished run prints one
+line with its log path, and every minute one line gives each running job's latest progress. Per dataset
+(a sub-directory of the run root):
 
   0. shared pieces, trained once: the teacher `mini-diffusion` (EDM loss), the trained feature net
      `mini-feature-net`, an untrained copy (`mini-feature-net-random`, the control) and the
@@ -98,15 +99,29 @@ class Study:
     device: str = "cpu"
     workers: int = 2
     log: callable = print
+    heartbeat: float = 60.0  # seconds between "running: ..." lines with each job's last progress (0: none)
 
     def __post_init__(self):
         self.pool = ThreadPoolExecutor(self.workers)
         self._lock = threading.Lock()
         self._started = time.time()
+        self._running: dict[str, Path] = {}  # what -> its log, while the job runs
+        if self.heartbeat > 0:
+            threading.Thread(target=self._beat, daemon=True).start()
 
     def say(self, msg: str) -> None:
         with self._lock:
             self.log(f"[study {fmt_time(time.time() - self._started)}] {msg}")
+
+    def _beat(self) -> None:
+        """Every `heartbeat` seconds while jobs run: one line with each job's latest progress line (iteration,
+        rate and ETA of a training run, images and ETA of an evaluation), so the driver never goes quiet."""
+        while True:
+            time.sleep(self.heartbeat)
+            with self._lock:
+                running = dict(self._running)
+            if running:
+                self.say("running: " + "; ".join(f"{what}: {last_progress(log)}" for what, log in running.items()))
 
     # ------------------------------------------------------------------------------------------
     # Subprocesses: one CPU thread each, output to a log file per run
@@ -116,10 +131,16 @@ class Study:
         log.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         self.say(f"start  {what}  (log {log})")
-        with open(log, "a") as f:
-            f.write(f"$ {' '.join(cmd)}\n")
-            f.flush()
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        with self._lock:
+            self._running[what] = log
+        try:
+            with open(log, "a") as f:
+                f.write(f"$ {' '.join(cmd)}\n")
+                f.flush()
+                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        finally:
+            with self._lock:
+                self._running.pop(what, None)
         if rc != 0:
             self.say(f"FAILED {what} (exit {rc}); see {log}")
             raise RuntimeError(f"{what} failed (exit {rc}); see {log}")
@@ -248,6 +269,19 @@ class Study:
 
 # ----------------------------------------------------------------------------------------------
 # Pure helpers over run directories
+
+def last_progress(log: Path, tail: int = 4096) -> str:
+    """The last line of a job's log without its "[name] " prefix (e.g. "1225/2000 loss_ect 5.08 | 3.1 it/s |
+    eta 4m02s"), or "starting" while it has none."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(f.seek(0, os.SEEK_END) - tail, 0))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").replace("\r", "\n").splitlines()]
+    except OSError:
+        return "starting"
+    last = next((ln for ln in reversed(lines) if ln and not ln.startswith("$ ")), "")
+    return (last.split("] ", 1)[1] if last.startswith("[") and "] " in last else last) or "starting"
+
 
 def run_name(arm: str, lr: float, batch: int, seed: int, control: bool = False) -> str:
     return f"{arm}-lr{lr:g}-bs{batch}-s{seed}" + ("-randfeat" if control else "")

@@ -4,6 +4,7 @@ directories (the protocol itself runs for hours; its driver is exercised by the 
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,19 @@ def test_driver_prints_one_line_per_started_and_finished_job(tmp_path):
     with pytest.raises(RuntimeError, match="failed"):
         s._run([sys.executable, "-c", "raise SystemExit(3)"], log, "shapes/bad")
     assert "FAILED shapes/bad (exit 3)" in lines[-1]
+
+
+def test_driver_says_what_its_running_jobs_are_doing(tmp_path):
+    """The heartbeat: while a job runs, a line at least every `heartbeat` seconds with its log's last line."""
+    lines = []
+    s = study.Study(tmp_path, workers=1, log=lines.append, heartbeat=0.1)
+    job = "import time; print('[x] 1/3 loss 2 | 4.0 it/s | eta 0m01s', flush=True); time.sleep(1.5)"
+    s._run([sys.executable, "-c", job], tmp_path / "x.log", "shapes/x")
+    beats = [ln for ln in lines if "running:" in ln]
+    assert beats and beats[-1].endswith("running: shapes/x: 1/3 loss 2 | 4.0 it/s | eta 0m01s")
+    time.sleep(0.3)
+    assert not any("running:" in ln for ln in lines[len(lines) - 1:]) and lines[-1].split("] ", 1)[1].startswith("done")
+    assert study.last_progress(tmp_path / "missing.log") == "starting"
 
 
 def test_figure_runs_label_the_reporting_arms(tmp_path):
