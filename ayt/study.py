@@ -60,6 +60,7 @@ FLAT_TOL = 0.10
 EVAL_ITERS = (250, 500, 1000, 1500, 2000, 3000, 4000)  # those up to a run's length
 BIG_BATCH, BIG_BATCH_ITERS = 64, 1000
 N_EVAL, N_REF = 2000, 10000
+TEACHER_SAMPLER = "heun18"            # the sampler `ayt eval` uses for diffusion runs (EDM Heun, 18 steps, 35 NFE)
 METRIC = "fd_eval"
 # The arms (docs/mini-study.md section 2): overrides on the mini-ect / mini-ayt presets.
 ARMS: dict[str, tuple[str, list[str]]] = {
@@ -165,9 +166,9 @@ class Study:
             self.say(f"{ds}/{name} diverged at iteration {diverged_at(run)} (non-finite loss): a result, not retried")
         return run
 
-    def evaluate(self, ds: str, run: Path, iters: int, at=EVAL_ITERS) -> None:
+    def evaluate(self, ds: str, run: Path, iters: int, at=EVAL_ITERS, samplers=("1step", "2step")) -> None:
         done = {(r["iteration"], r["sampler"]) for r in _records(run) if r["n"] == N_EVAL}
-        todo = [it for it in at if it <= iters and not {(it, "1step"), (it, "2step")} <= done]
+        todo = [it for it in at if it <= iters and not {(it, s) for s in samplers} <= done]
         if todo:
             self._run([sys.executable, "-m", "ayt", "eval", str(run), "--metric", METRIC,
                        "--checkpoints", ",".join(map(str, todo)), "--n", str(N_EVAL), "--runs", "1", "--no-dfid",
@@ -189,6 +190,14 @@ class Study:
         self.train(ds, "mini-feature-net", "mini-feature-net-random", ["iters=0"])
         self._run([sys.executable, "-m", "ayt.study", "--build-evaluator", ds, "--run-root", str(self.root),
                    "--device", self.device], self.root / ds / "logs" / "evaluator.log", f"{ds} evaluator")
+        self.evaluate_teacher(ds)
+
+    def evaluate_teacher(self, ds: str) -> None:
+        """The teacher's own scores (EDM's Heun sampler, 35 network evaluations), with the same evaluator and
+        sample count: the quality the consistency runs start from and are compared against, for reference."""
+        run = self.root / ds / "mini-diffusion"
+        iters = json.loads((run / "results.json").read_text())["train"]["iterations"]
+        self.evaluate(ds, run, iters, (iters,), samplers=(TEACHER_SAMPLER,))
 
     def ct_run(self, ds: str, arm: str, lr: float, seed: int, batch: int = 16, control: bool = False,
                iters: Optional[int] = None) -> Path:
@@ -436,9 +445,9 @@ def _group(ds_root: Path, runs: dict, arm: str, lr: float, batch: int, control: 
             and m["batch"] == batch and m["control"] == control and m["seed"] in SEEDS}
 
 
-def _finals(group: dict[int, Path], it: int) -> dict:
+def _finals(group: dict[int, Path], it: int, samplers=("1step", "2step")) -> dict:
     out = {}
-    for sampler in ("1step", "2step"):
+    for sampler in samplers:
         for key in (METRIC, "precision", "recall", "swd"):
             vals = [curve(p, sampler, key).get(it) for p in group.values()]
             vals = [v for v in vals if v is not None]
@@ -498,11 +507,24 @@ def shared_feature_nets(ds_root: Path) -> dict:
     return out
 
 
+def teacher_scores(ds_root: Path) -> Optional[dict]:
+    """The teacher's scores at its last iteration (TEACHER_SAMPLER), None before it is evaluated."""
+    run = ds_root / "mini-diffusion"
+    its = [r["iteration"] for r in _records(run) if r["sampler"] == TEACHER_SAMPLER and r["n"] == N_EVAL]
+    if not its:
+        return None
+    return {"run": run.name, "sampler": TEACHER_SAMPLER, "iteration": max(its),
+            **_finals({0: run}, max(its), (TEACHER_SAMPLER,))}
+
+
 def summarize_dataset(ds_root: Path) -> dict:
     runs = _runs(ds_root)
     sel = selection(ds_root)
     out: dict = {"complete": False, "selection": {a: {**s, "pick": s["pick"]} for a, s in sel.items()},
                  "feature_nets": shared_feature_nets(ds_root)}
+    teacher = teacher_scores(ds_root)
+    if teacher is not None:
+        out["teacher"] = teacher
     if "ayt" not in sel or not any(a in sel for a in ECT_ARMS):
         return out
     ect = better_ect(sel)
@@ -616,6 +638,12 @@ def report_markdown(summary: dict) -> str:
             elif "rmse" in fn:
                 lines.append(f"- autoencoder `{name}`: reconstruction RMSE by noise sigma "
                              + ", ".join(f"{k}: {x:.3f}" for k, x in fn["rmse"].items()))
+        te = d.get("teacher")
+        if te:
+            k = f"_{te['sampler']}"
+            lines.append(f"- teacher `{te['run']}` (EDM Heun sampler, 18 steps = 35 network evaluations), for reference: "
+                         f"FD_eval {te[METRIC + k]['mean']:.2f}, SWD {te['swd' + k]['mean']:.1f}, precision "
+                         f"{te['precision' + k]['mean']:.2f}, recall {te['recall' + k]['mean']:.2f}")
         sel = d.get("selection", {})
         for arm, s in sel.items():
             scores = ", ".join(f"{lr}: " + ("diverged" if v is None else f"{v:.2f}") for lr, v in s["scores"].items())

@@ -409,3 +409,31 @@ def test_a_diverged_run_is_a_result_not_a_crash(tmp_path, monkeypatch):
     assert ran == ["photos/ayt-lr0.01-bs16-s100"] and "skip   photos/ayt-lr0.01-bs16-s100" in said[-1]
     with pytest.raises(RuntimeError, match="boom"):
         s.train("photos", "mini-ayt", "boom", [], 2000)
+
+
+def test_teacher_is_scored_once_for_reference(tmp_path, monkeypatch):
+    """Step 0 scores the teacher with EDM's Heun sampler and the study's evaluator; the summary and the report
+    give its numbers as a reference line."""
+    root = tmp_path / "shapes"
+    _populate(root)
+    teacher = root / "mini-diffusion"
+    teacher.mkdir()
+    (teacher / "results.json").write_text(json.dumps({"train": {"iterations": 3000}}))
+    cmds = []
+
+    def fake_eval(self, cmd, log, what):
+        cmds.append(cmd)
+        recs = [{"iteration": 3000, "sampler": study.TEACHER_SAMPLER, "metric": "fd_eval", "n": study.N_EVAL,
+                 "fd_eval": {"mean": 3.25}, "precision": {"mean": 0.7}, "recall": {"mean": 0.6}, "swd": {"mean": 40.0}}]
+        (teacher / "results.json").write_text(json.dumps({"train": {"iterations": 3000}, "eval": recs}))
+    monkeypatch.setattr(study.Study, "_run", fake_eval)
+    assert "teacher" not in study.summarize_dataset(root)
+    s = study.Study(tmp_path, workers=1, log=lambda m: None)
+    s.evaluate_teacher("shapes")
+    s.evaluate_teacher("shapes")  # done: not run again
+    assert len(cmds) == 1 and cmds[0][cmds[0].index("--checkpoints") + 1] == "3000" and str(teacher) in cmds[0]
+    d = study.summarize_dataset(root)
+    assert d["teacher"]["iteration"] == 3000 and d["teacher"]["fd_eval_heun18"]["mean"] == 3.25
+    md = study.report_markdown({"datasets": {"shapes": d}})
+    assert ("- teacher `mini-diffusion` (EDM Heun sampler, 18 steps = 35 network evaluations), for reference: "
+            "FD_eval 3.25, SWD 40.0, precision 0.70, recall 0.60\n") in md
