@@ -153,17 +153,19 @@ class Study:
         run = root / name
         if _trained(run, iters):
             return run
-        if diverged_at(run) is not None:  # deterministic: resuming would diverge again
-            self.say(f"skip   {ds}/{name}: it diverged at iteration {diverged_at(run)} (non-finite loss)")
+        div = diverged_at(run)
+        if div is not None:  # deterministic: resuming would diverge again
+            self.say(f"skip   {ds}/{name}: it diverged at iteration {div} (non-finite loss)")
             return run
         try:
             self._run([sys.executable, "-m", "ayt", "train", "--preset", preset, "--resume", f"name={name}",
                        f"run_root={root}", f"device={self.device}", *DATA_OVERRIDES[ds], *overrides],
                       root / "logs" / f"{name}.log", f"{ds}/{name}")
         except RuntimeError:
-            if diverged_at(run) is None:
+            div = diverged_at(run)
+            if div is None:
                 raise
-            self.say(f"{ds}/{name} diverged at iteration {diverged_at(run)} (non-finite loss): a result, not retried")
+            self.say(f"{ds}/{name} diverged at iteration {div} (non-finite loss): a result, not retried")
         return run
 
     def evaluate(self, ds: str, run: Path, iters: int, at=EVAL_ITERS, samplers=("1step", "2step")) -> None:
@@ -196,7 +198,7 @@ class Study:
         """The teacher's own scores (EDM's Heun sampler, 35 network evaluations), with the same evaluator and
         sample count: the quality the consistency runs start from and are compared against, for reference."""
         run = self.root / ds / "mini-diffusion"
-        iters = json.loads((run / "results.json").read_text())["train"]["iterations"]
+        iters = _results(run)["train"]["iterations"]
         self.evaluate(ds, run, iters, (iters,), samplers=(TEACHER_SAMPLER,))
 
     def ct_run(self, ds: str, arm: str, lr: float, seed: int, batch: int = 16, control: bool = False,
@@ -309,23 +311,26 @@ def parse_run_name(name: str) -> Optional[dict]:
     return None
 
 
+def _results(run: Path) -> dict:
+    """The run's results.json ({} before it has one)."""
+    res = run / "results.json"
+    return json.loads(res.read_text()) if res.exists() else {}
+
+
 def _trained(run: Path, iters: int = 0) -> bool:
     """The run has finished training, to at least `iters` iterations."""
-    res = run / "results.json"
-    train = json.loads(res.read_text()).get("train") if res.exists() else None
+    train = _results(run).get("train")
     return train is not None and train.get("iterations", 0) >= iters
 
 
 def diverged_at(run: Path) -> Optional[int]:
     """The iteration at which the run stopped on a non-finite loss (results.json "diverged"), else None."""
-    res = run / "results.json"
-    div = json.loads(res.read_text()).get("diverged") if res.exists() else None
+    div = _results(run).get("diverged")
     return None if div is None else int(div["iteration"])
 
 
 def _records(run: Path) -> list[dict]:
-    res = run / "results.json"
-    return json.loads(res.read_text()).get("eval", []) if res.exists() else []
+    return _results(run).get("eval", [])
 
 
 def curve(run: Path, sampler: str = "1step", key: str = METRIC) -> dict[int, float]:
@@ -396,7 +401,8 @@ def _runs(ds_root: Path, with_diverged: bool = False) -> dict[str, dict]:
 
 def diverged_runs(ds_root: Path) -> dict[str, int]:
     """name -> iteration of every consistency run of the dataset that stopped on a non-finite loss."""
-    return {n: diverged_at(ds_root / n) for n in _runs(ds_root, with_diverged=True) if diverged_at(ds_root / n) is not None}
+    its = {n: diverged_at(ds_root / n) for n in _runs(ds_root, with_diverged=True)}
+    return {n: it for n, it in its.items() if it is not None}
 
 
 def selection(ds_root: Path) -> dict:
@@ -566,9 +572,10 @@ def summarize_dataset(ds_root: Path) -> dict:
     fam = summarize_family(ds_root, sel, groups["ayt"])
     if fam is not None:
         out["family"] = fam
-    if diverged_runs(ds_root):
-        out["diverged"] = diverged_runs(ds_root)
-    out["wall_clock_s"] = {n: json.loads((ds_root / n / "results.json").read_text())["train"].get(
+    diverged = diverged_runs(ds_root)
+    if diverged:
+        out["diverged"] = diverged
+    out["wall_clock_s"] = {n: _results(ds_root / n)["train"].get(
         "wall_clock_s_last_session") for n in runs}
     return out
 
