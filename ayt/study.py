@@ -462,6 +462,12 @@ def _finals(group: dict[int, Path], it: int, samplers=("1step", "2step")) -> dic
     return out
 
 
+def _curve_stats(group: dict[int, Path], sampler: str = "1step") -> dict[str, dict]:
+    """The figures' curves as numbers: per evaluated iteration, FD_eval over the group's seeds."""
+    curves = [curve(p, sampler) for p in group.values()]
+    return {str(i): _stats([c[i] for c in curves if i in c]) for i in sorted({i for c in curves for i in c})}
+
+
 def reach(base: dict[int, Path], new: dict[int, Path], base_name: str, new_name: str, horizon: int = ITERS) -> dict:
     """Per seed: the baseline's 1-step FD_eval at `horizon` (its final) and the iterations `new` needs to
     reach it (linear interpolation, `new`'s curve up to the horizon; None when it never does), with the
@@ -490,8 +496,8 @@ def summarize_family(ds_root: Path, sel: dict, ayt_group: dict[int, Path]) -> Op
     lrs = family_lrs(sel)
     groups = {arm: _group(ds_root, runs, arm, lr, 16, False) for arm, lr in lrs.items()}
     out: dict = {"lr": lrs, "lr_from": dict(FAMILY_LR_FROM),
-                 "groups": {k: {"runs": sorted(p.name for p in g.values()), **_finals(g, ITERS)}
-                            for k, g in groups.items()}}
+                 "groups": {k: {"runs": sorted(p.name for p in g.values()), **_finals(g, ITERS),
+                                "curve_1step": _curve_stats(g)} for k, g in groups.items()}}
     groups["ayt"] = ayt_group
     out["pairs"] = {f"{b}_vs_{c}": reach(groups[b], groups[c], b, c) for b, c in FAMILY_PAIRS}
     # complete: every arm's run at every seed evaluated at ITERS, or diverged (a result, not retried)
@@ -541,7 +547,7 @@ def summarize_dataset(ds_root: Path) -> dict:
               "ect_bs64": _group(ds_root, runs, ect, picks[ect], BIG_BATCH, False)}
     out["better_ect"] = ect
     out["groups"] = {k: {"runs": sorted(p.name for p in g.values()), "iteration": at,
-                         **_finals(g, at)} for k, g in groups.items()
+                         **_finals(g, at), "curve_1step": _curve_stats(g)} for k, g in groups.items()
                      for at in [BIG_BATCH_ITERS if k == "ect_bs64" else ITERS]}
     # The reporting horizon: the longest of HORIZONS that every AYT and ECT reporting run has been evaluated at
     # (one seed's run counts as soon as it has), and whether ECT's curve has flattened by it.

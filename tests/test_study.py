@@ -74,6 +74,11 @@ def test_summarize_dataset(tmp_path, official_better):
     assert d["groups"]["ect"]["fd_eval_2step"]["mean"] == pytest.approx(4.75)
     assert d["groups"]["control"]["fd_eval_1step"]["mean"] == pytest.approx(14.5)
     assert d["groups"]["ect_bs64"]["fd_eval_1step"]["mean"] == 10.0  # at BIG_BATCH_ITERS
+    # the figures' curves as numbers: every evaluated iteration, over the seeds
+    assert {i: c["mean"] for i, c in d["groups"]["ect"]["curve_1step"].items()} == {
+        "250": 20.0, "500": 16.0, "1000": 12.0, "1500": 10.0, "2000": 9.5}
+    assert d["groups"]["ect_bs64"]["curve_1step"]["500"] == {"mean": 12.0, "min": 12.0, "max": 12.0, "seeds": 3,
+                                                             "values": [12.0] * 3}
     # ECT changes 10.0 -> 9.5 from 1500 to 2000: 5% < 10%, flattened
     assert d["ect_flattening"]["relative_change"] == pytest.approx(0.05) and d["ect_flattening"]["flattened"]
     # AYT reaches ECT's final 9.5 between 500 (12) and 1000 (8): 500 + 500 * 2.5/4 = 812.5
@@ -268,6 +273,7 @@ def test_family_runs_borrow_the_picks_and_pair_up(tmp_path):
             fake_run(root, study.run_name("ayt-dae", 5e-4, 16, seed), fast)
     fam = study.summarize_dataset(root)["family"]
     assert fam["lr"] == lrs and fam["groups"]["ccd"]["fd_eval_1step"]["mean"] == 9.0
+    assert fam["groups"]["ayt-dae"]["curve_1step"]["250"]["seeds"] == 2  # seed 2 has no ayt-dae run
     ccd = fam["pairs"]["ccd_vs_ccd-ayt"]
     # ccd-ayt reaches 9.0 between 250 (18) and 500 (9): exactly at 500
     assert [s["ccd-ayt_iterations_to_reach"] for s in ccd["per_seed"]] == [500.0] * 3
