@@ -24,7 +24,8 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The CPU mini study v2 (docs/mini-study.md; about 4 hours on 2 cores, resumable), then every figure
+# The CPU mini study v2 (docs/mini-study.md; measured: about 6.5 h for the shapes and 4.2 h for the photos on
+# 2 cores, resumable), then every figure
 # from its run directories, with the summaries the README quotes (figures/mini-study.json, figures/tangent-study.json).
 # Only `figures` writes into figures/ (notebooks default to runs/notebooks/).
 # STUDY_FLAGS=--family adds the authors' family arms (docs/mini-study.md section 7).
