@@ -778,7 +778,7 @@ def main(argv=None) -> int:
                     help=f"comma-separated subset of {', '.join(DATASETS)}")
     ap.add_argument("--family", action="store_true",
                     help="after the main protocol, also run the family arms: CCD vs CCD-AYT, CT vs CT-AYT, AYT with "
-                         "autoencoder vs VGG features (about 4 more hours per dataset on 2 CPU cores)")
+                         "autoencoder vs VGG features (about 3.5 more hours per dataset on 2 CPU cores, measured on the shapes)")
     ap.add_argument("--summary-only", action="store_true", help="only rebuild mini-study.json from the run directories")
     ap.add_argument("--report", metavar="SUMMARY", help="only print a summary JSON as the README's Markdown tables")
     ap.add_argument("--sample-figures", metavar="DIR", help="only write sample grids of the chosen runs to DIR")
