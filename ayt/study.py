@@ -272,7 +272,9 @@ class Study:
             self.dataset(ds)
         for ds in datasets if family else ():  # the family after the main protocol of every dataset
             self.family(ds)
-        summary = summarize(self.root, datasets)
+        # every dataset under the run root, not only this invocation's: `--datasets shapes --family` must not
+        # drop the photos' finished numbers from <run-root>/mini-study.json
+        summary = summarize(self.root)
         summary["wall_clock_s_last_invocation"] = round(time.time() - self._started, 1)
         write_summary(self.root, summary)
         return summary

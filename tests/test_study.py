@@ -302,6 +302,17 @@ def test_family_driver_runs_every_arm_and_seed_after_the_selection(tmp_path, mon
         study.Study(tmp_path, workers=1, log=lambda m: None).family("photos")
 
 
+def test_a_run_on_one_dataset_keeps_the_others_in_the_summary(tmp_path, monkeypatch):
+    _populate(tmp_path / "shapes")
+    _populate(tmp_path / "photos")
+    monkeypatch.setattr(study.Study, "dataset", lambda self, ds: None)
+    monkeypatch.setattr(study.Study, "family", lambda self, ds: None)
+    summary = study.Study(tmp_path, workers=1, log=lambda m: None).run(["shapes"], family=True)
+    assert sorted(summary["datasets"]) == ["photos", "shapes"]
+    on_disk = json.loads((tmp_path / "mini-study.json").read_text())
+    assert on_disk["datasets"]["photos"] == summary["datasets"]["photos"]
+
+
 def test_study_time_benchmark_reads_runs_and_driver_logs(tmp_path):
     """benchmarks/study_time.py: per-run training/evaluation seconds from results.json, resumed runs
     flagged, and each driver invocation's span and finished jobs from its "done" lines."""
