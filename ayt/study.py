@@ -714,6 +714,15 @@ def chosen_runs(ds_root: Path, seed: int = 0) -> dict[str, Path]:
     return {k: p for k, p in runs.items() if _trained(p)}
 
 
+def chosen_family_runs(ds_root: Path, seed: int = 0) -> dict[str, Path]:
+    """{arm: run} of the family arms (step 5) at `seed` and their borrowed learning rate, those trained."""
+    if not chosen_runs(ds_root, seed):
+        return {}
+    lrs = family_lrs(selection(Path(ds_root)))
+    runs = {arm: Path(ds_root) / run_name(arm, lrs[arm], 16, seed) for arm in FAMILY_ARMS}
+    return {k: p for k, p in runs.items() if _trained(p)}
+
+
 def figure_runs(ds_root: Path, sampler: str = "1step", family: bool = False) -> list[dict]:
     """The reporting runs of one dataset as `ayt.plotting.describe_run` dicts, labelled by arm (the control
     as 'AYT (untrained phi)'), for `plotting.metric_vs_iterations`: AYT, the better ECT and the control at
@@ -739,15 +748,16 @@ def figure_runs(ds_root: Path, sampler: str = "1step", family: bool = False) -> 
 
 
 def sample_figures(root: Path, figures_dir: Path, n: int = 64, seed: int = 0) -> list[Path]:
-    """1- and 2-step sample grids of the chosen ECT and AYT runs of every dataset (same noise for both),
-    upscaled and titled with run, iteration and sampler (`ayt.plotting.sample_grid`)."""
+    """1- and 2-step sample grids of the chosen ECT and AYT runs of every dataset and of its family arms at
+    the same seed, where they have run (same noise for all), upscaled and titled with run, iteration and
+    sampler (`ayt.plotting.sample_grid`)."""
     import torch
     from .plotting import sample_grid, sample_title, save_figure
     from .sampling import generate
     from .runs import load_run_model
     out = []
     for ds in DATASETS:
-        for method, run in chosen_runs(Path(root) / ds).items():
+        for method, run in {**chosen_runs(Path(root) / ds, seed), **chosen_family_runs(Path(root) / ds, seed)}.items():
             net, cfg, state = load_run_model(run)
             for steps in (1, 2):
                 x = generate(net, cfg.stage, n, state["img_channels"], cfg.data.resolution, state["label_dim"], seed,

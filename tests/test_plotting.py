@@ -241,8 +241,8 @@ def test_explore_figure_rows_are_labelled_and_pixel_exact():
 
 def test_study_sample_figures_are_upscaled_labelled_grids(tmp_path):
     """`python -m ayt study --sample-figures` (what `make figures` writes to figures/) draws the chosen
-    runs' samples (AYT and the better ECT at their selected lr, seed 0) with `sample_grid`: at least
-    400 px wide, titled with run, iteration and sampler."""
+    runs' samples (AYT and the better ECT at their selected lr, seed 0, then the family arms that have run)
+    with `sample_grid`: at least 400 px wide, titled with run, iteration and sampler."""
     import json
     from PIL import Image
     from ayt import study
@@ -255,13 +255,14 @@ def test_study_sample_figures_are_upscaled_labelled_grids(tmp_path):
         (sel / "results.json").write_text(json.dumps({"train": {}, "eval": [
             {"iteration": study.ITERS, "sampler": "1step", "n": study.N_EVAL, "metric": study.METRIC,
              study.METRIC: {"mean": score}}]}))
-    for arm in ("ayt", "ect-fine"):
+    for arm in ("ayt", "ect-fine", "ccd-ayt"):  # a family arm's run (its name is what counts here)
         train(make_config(None, {"run_root": str(ds), "name": study.run_name(arm, 5e-4, 16, 0), "stage": "consistency",
                                  "ct.mode": "ect", "ct.feature_net": "", "data.name": "shapes", "data.resolution": 8,
                                  "data.num_images": 32, "net.arch": "tiny", "device": "cpu", "batch": 8, "iters": 1,
                                  "log_every": 1, "sample_every": 0}))
     paths = study.sample_figures(tmp_path, tmp_path / "figures", n=16)
-    assert [p.name for p in paths] == [f"samples_study_shapes_{m}_{s}step.png" for m in ("ect", "ayt") for s in (1, 2)]
+    assert [p.name for p in paths] == [f"samples_study_shapes_{m}_{s}step.png" for m in ("ect", "ayt", "ccd-ayt")
+                                       for s in (1, 2)]
     for p in paths:
         w, h = Image.open(p).size        # 2 rows of 8 images of 8 px, padded: 82 x 22 px, drawn 7x
         assert (w, h - 22 * 7) == (82 * 7, 68)             # with a 68 px title above the grid
