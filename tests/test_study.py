@@ -311,6 +311,9 @@ def test_a_run_on_one_dataset_keeps_the_others_in_the_summary(tmp_path, monkeypa
     assert sorted(summary["datasets"]) == ["photos", "shapes"]
     on_disk = json.loads((tmp_path / "mini-study.json").read_text())
     assert on_disk["datasets"]["photos"] == summary["datasets"]["photos"]
+    (tmp_path / "mini-study.json").unlink()
+    assert study.main(["--run-root", str(tmp_path), "--datasets", "shapes", "--summary-only"]) == 0
+    assert sorted(json.loads((tmp_path / "mini-study.json").read_text())["datasets"]) == ["photos", "shapes"]
 
 
 def test_study_time_benchmark_reads_runs_and_driver_logs(tmp_path):
