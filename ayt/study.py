@@ -422,9 +422,14 @@ def selection(ds_root: Path) -> dict:
     return out
 
 
+def selected(sel: dict) -> bool:
+    """The selection (`selection`) has picks for AYT and at least one ECT arm: the reporting runs can start."""
+    return "ayt" in sel and any(a in sel for a in ECT_ARMS)
+
+
 def family_lrs(sel: dict) -> dict[str, float]:
     """Each family arm's learning rate: the pick of its discrete counterpart (FAMILY_LR_FROM)."""
-    if "ayt" not in sel or not any(a in sel for a in ECT_ARMS):
+    if not selected(sel):
         raise KeyError("the family arms borrow the selected learning rates: run the main protocol first")
     ect = better_ect(sel)
     return {arm: sel[ect if src == "ect" else "ayt"]["pick"] for arm, src in FAMILY_LR_FROM.items()}
@@ -539,7 +544,7 @@ def summarize_dataset(ds_root: Path) -> dict:
     teacher = teacher_scores(ds_root)
     if teacher is not None:
         out["teacher"] = teacher
-    if "ayt" not in sel or not any(a in sel for a in ECT_ARMS):
+    if not selected(sel):
         return out
     ect = better_ect(sel)
     picks = {a: s["pick"] for a, s in sel.items()}
@@ -706,7 +711,7 @@ def chosen_runs(ds_root: Path, seed: int = 0) -> dict[str, Path]:
     """{'ect': ..., 'ayt': ...}: the reporting runs at `seed` of AYT and of the better ECT arm, each at its
     selected learning rate (batch 16). Empty until the selection has finished."""
     sel = selection(Path(ds_root))
-    if "ayt" not in sel or not any(a in sel for a in ECT_ARMS):
+    if not selected(sel):
         return {}
     ect = better_ect(sel)
     runs = {"ect": Path(ds_root) / run_name(ect, sel[ect]["pick"], 16, seed),
@@ -716,10 +721,10 @@ def chosen_runs(ds_root: Path, seed: int = 0) -> dict[str, Path]:
 
 def chosen_family_runs(ds_root: Path, seed: int = 0) -> dict[str, Path]:
     """{arm: run} of the family arms (step 5) at `seed` and their borrowed learning rate, those trained."""
-    if not chosen_runs(ds_root, seed):
+    sel = selection(Path(ds_root))
+    if not selected(sel):
         return {}
-    lrs = family_lrs(selection(Path(ds_root)))
-    runs = {arm: Path(ds_root) / run_name(arm, lrs[arm], 16, seed) for arm in FAMILY_ARMS}
+    runs = {arm: Path(ds_root) / run_name(arm, lr, 16, seed) for arm, lr in family_lrs(sel).items()}
     return {k: p for k, p in runs.items() if _trained(p)}
 
 
@@ -729,7 +734,7 @@ def figure_runs(ds_root: Path, sampler: str = "1step", family: bool = False) -> 
     batch 16, the better ECT at batch 64; with `family`, the family arms and AYT instead."""
     from .plotting import describe_run
     sel = selection(Path(ds_root))
-    if "ayt" not in sel or not any(a in sel for a in ECT_ARMS):
+    if not selected(sel):
         return []
     ect = better_ect(sel)
     if family:
